@@ -1,0 +1,3 @@
+"""clipcl: continual learning of CLIP models."""
+
+__version__ = "0.1.0"

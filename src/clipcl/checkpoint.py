@@ -1,0 +1,105 @@
+"""Task-boundary checkpoints (safetensors) and atomic file writes.
+
+A checkpoint stores only the tensors that differ from the freshly built strategy (plus any the
+method added): a zero-shot or text-only run does not write the whole image tower after every task.
+Loading builds the same strategy from the same config and applies the difference. The config's
+fingerprint is stored in the file's metadata, so a checkpoint from another config is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used here. One line says why."""
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def atomic_write_json(path: str | Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def fingerprint_digest(fingerprint: str) -> str:
+    return hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+
+
+def snapshot_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of ``module``'s state, the reference that checkpoints are taken against."""
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in module.state_dict().items()}
+
+
+def changed_state(module: torch.nn.Module, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors of ``module`` that are new or differ from ``reference``, as contiguous CPU copies."""
+    changed = {}
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().to("cpu")
+        base = reference.get(name)
+        if base is None or base.shape != tensor.shape or base.dtype != tensor.dtype or not torch.equal(base, tensor):
+            changed[name] = tensor.clone().contiguous()
+    return changed
+
+
+def save_checkpoint(path: str | Path, module: torch.nn.Module, reference: dict[str, torch.Tensor],
+                    fingerprint: str, task_index: int) -> int:
+    """Write the changed state of ``module`` after ``task_index``; returns the bytes written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = changed_state(module, reference)
+    metadata = {"config": fingerprint_digest(fingerprint), "task_index": str(task_index), "format": "clipcl-delta-1"}
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path.stat().st_size
+
+
+def load_checkpoint(path: str | Path, module: torch.nn.Module, fingerprint: str) -> int:
+    """Apply a checkpoint to a freshly built ``module``; returns the task index it was taken after."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
+    except Exception as error:  # safetensors raises several types for damaged files
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+    if metadata.get("format") != "clipcl-delta-1":
+        raise CheckpointError(f"{path} is not a clipcl checkpoint")
+    if metadata.get("config") != fingerprint_digest(fingerprint):
+        raise CheckpointError(f"{path} was written by a run with another config; use a new output_dir")
+    state = module.state_dict()
+    unknown = sorted(set(tensors) - set(state))
+    if unknown:
+        raise CheckpointError(f"{path} holds {unknown[0]!r}, which this model does not have")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if state[name].shape != tensor.shape:
+                raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, model expects "
+                                      f"{tuple(state[name].shape)}")
+            state[name].copy_(tensor)
+    return int(metadata["task_index"])

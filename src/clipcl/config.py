@@ -1,0 +1,262 @@
+"""Run configuration: frozen-ish dataclasses, YAML files and dotted overrides.
+
+A run config mirrors the object tree: ``model``, ``stream``, ``strategy``, ``train``, ``eval``.
+Unknown keys are rejected with the list of valid ones, so a typo never silently does nothing.
+The ``strategy`` section is validated against the chosen strategy's own ``Config`` dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration. The message is one line naming the key and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to continually train."""
+
+    backend: str = "starter"
+    """``starter`` (offline ConSE dual encoder, the default), ``open_clip`` or ``hf`` (transformers)."""
+    name: str = "conse-efficientnet_lite0-minilm"
+    """open_clip: an architecture name (``ViT-B-16``) or a JSON config file; hf: a local directory or
+    hub id; starter: its variant name."""
+    pretrained: str | None = None
+    """open_clip: a pretrained tag (``openai``, downloads) or a local checkpoint file."""
+    image_size: int | None = None
+    """Override the input resolution (starter only; it trades speed for accuracy)."""
+
+
+@dataclass
+class StreamConfig:
+    """Which protocol and data."""
+
+    protocol: str = "multi_domain"
+    """``class_incremental``, ``multi_domain`` (MTIL, task id known) or ``xtail`` (no domain id)."""
+    datasets: list[str] = field(default_factory=lambda: ["fashion_mnist", "mnist", "digits"])
+    """Datasets in training order (class_incremental uses the first one), or an order name
+    such as ``mtil_order_1``."""
+    num_tasks: int = 5
+    """Class-incremental only: how many tasks the classes are split into."""
+    class_order_seed: int | None = None
+    """Class-incremental only: seed of the class order (default: the run seed)."""
+    train_samples_per_task: int | None = None
+    """Cap on training images per task (seeded, class-balanced subset); None keeps all."""
+    test_samples_per_task: int | None = None
+    """Cap on test images per task (seeded, class-balanced subset); None keeps all."""
+    heldout: list[str] = field(default_factory=list)
+    """Datasets never trained on, evaluated for zero-shot retention."""
+    heldout_samples: int | None = None
+    """Cap on held-out test images per dataset."""
+    data_root: str | None = None
+    """Where datasets live (torchvision layout). Default: ``$CLIPCL_DATA`` or ``~/.cache/clipcl/data``."""
+    download: bool = False
+    """Download missing torchvision datasets (needs internet)."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop, shared by every strategy."""
+
+    epochs: int = 1
+    """Passes over each task's training data."""
+    max_steps_per_task: int | None = None
+    """Stop a task after this many optimizer steps (None: full epochs)."""
+    batch_size: int = 32
+    """Images per micro-batch over all processes (split across them); an optimizer step sees
+    ``batch_size * grad_accumulation`` images."""
+    grad_accumulation: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-5
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps, then cosine decay to zero within each task."""
+    precision: str = "fp32"
+    """``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast with a gradient scaler; GPU only)."""
+    devices: int = 1
+    """Processes for data parallel training (gloo on CPU, nccl on GPU)."""
+    accelerator: str = "auto"
+    """``auto``, ``cpu`` or ``cuda``."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    max_grad_norm: float | None = 1.0
+    """Clip gradients to this norm (None: no clipping)."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation after each task."""
+
+    batch_size: int = 256
+    """Images per evaluation batch. Never changes a number: predictions are per image."""
+    feature_cache: bool = True
+    """Reuse image features while the image tower's weights are unchanged."""
+    cache_dir: str | None = None
+    """Also keep cached features on disk here (None: ``$CLIPCL_CACHE`` or ``~/.cache/clipcl/features``;
+    ``""``: memory only)."""
+    zero_shot_row: bool = True
+    """Evaluate every task before training (the zero-shot row)."""
+
+
+@dataclass
+class RunConfig:
+    """A whole continual-learning run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    strategy: dict[str, Any] = field(default_factory=lambda: {"name": "zero_shot"})
+    """``name`` picks the strategy; the other keys are that strategy's Config fields."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    """Seeds class order, subsets, initialisation noise and data order."""
+    output_dir: str = "runs/run"
+    """Run directory: config, results, checkpoints, summary."""
+    name: str | None = None
+    """A label for reports (default: the strategy name)."""
+
+    @property
+    def label(self) -> str:
+        return self.name or str(self.strategy.get("name", "run"))
+
+
+# --- building dataclasses from plain dicts, strictly -------------------------------------------
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check/convert a YAML value to the annotated type; raise ConfigError on a mismatch."""
+    text = str(annotation)
+    if value is None:
+        if "None" in text or annotation is Any:
+            return None
+        raise ConfigError(f"{key}: null is not allowed here")
+    if annotation is bool or text == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int or text.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float or text.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str or text.startswith("str"):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if text.startswith("list"):
+        if isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return list(value)
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys with the valid ones listed."""
+    data = dict(data or {})
+    hints = get_type_hints(cls)
+    valid = _field_names(cls)
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        where = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"unknown key {where!r}; valid keys here: {', '.join(prefix + v for v in valid)}")
+    kwargs = {}
+    for name in valid:
+        if name not in data:
+            continue
+        annotation = hints[name]
+        value = data[name]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name}: expected a mapping")
+            kwargs[name] = from_dict(annotation, value, prefix=f"{prefix}{name}.")
+        elif name == "strategy" and cls is RunConfig:
+            if not isinstance(value, dict):
+                raise ConfigError("strategy: expected a mapping with at least `name`")
+            kwargs[name] = dict(value)
+        else:
+            kwargs[name] = _coerce(value, annotation, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain, YAML/JSON-ready dict of a dataclass tree."""
+    return dataclasses.asdict(config)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=1e-4`` -> (["train", "lr"], 1e-4). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like dotted.key=value")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys inside a nested dict (validation happens afterwards, in from_dict)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or start from defaults), apply overrides, validate everything."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping at the top level")
+        data = loaded or {}
+    data = apply_overrides(data, list(overrides or []))
+    config = from_dict(RunConfig, data)
+    # Validate the strategy section now, so a typo fails before any data or model loads.
+    from clipcl.strategies import strategy_config
+
+    strategy_config(config.strategy)
+    return config
+
+
+def config_fingerprint(config: RunConfig) -> str:
+    """What must match for a checkpoint to be reused: everything except where outputs go."""
+    data = to_dict(config)
+    data.pop("output_dir", None)
+    data.pop("name", None)
+    data["eval"] = {}  # evaluation settings never change the trained weights
+    return json.dumps(data, sort_keys=True)

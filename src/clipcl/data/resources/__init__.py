@@ -1,0 +1,21 @@
+"""Class names and prompt templates, stored as JSON files next to this module."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+_HERE = Path(__file__).parent
+
+
+@lru_cache(maxsize=None)
+def _load(filename: str) -> dict:
+    return json.loads((_HERE / filename).read_text())
+
+
+def classnames_and_templates(dataset: str) -> tuple[list[str], list[str]]:
+    """The class names and prompt templates (with ``{}``) of a dataset known to clipcl."""
+    entry = _load("classnames.json")[dataset]
+    templates = _load("templates.json")[entry.get("templates", dataset)]
+    return list(entry["classnames"]), list(templates)

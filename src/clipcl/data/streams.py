@@ -1,0 +1,271 @@
+"""Streams of tasks: the three offline protocols of this release.
+
+A :class:`Stream` is a list of :class:`Task` objects plus the rule that says, for an accuracy-matrix
+entry (after training task ``t``, evaluated on task ``d``), which label space the test images of
+task ``d`` are classified into:
+
+- ``class_incremental``: one dataset, classes split into T tasks in a seeded order. No task id at test:
+  task ``d``'s images are classified among the classes of tasks ``0 .. max(t, d)`` (all classes seen so
+  far; for a future task ``d > t`` the classes up to ``d``, which measures transfer to unseen classes).
+- ``multi_domain`` (MTIL, Zheng et al. ICCV 2023): one dataset per task; the task id is known at test,
+  so task ``d`` is classified among its own dataset's classes.
+- ``xtail`` (X-TAIL): the same sequence, but no domain id at test: every image is classified among the
+  union of the class names of *all* domains, seen and unseen. Classes with the same name in two domains
+  (e.g. the digits of MNIST and of sklearn's digits) are one label, so naming the class right counts.
+
+Everything is deterministic given the seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from clipcl.data.base import ClassificationDataset, DataError, SubsetDataset
+
+PROTOCOLS = ("class_incremental", "multi_domain", "xtail")
+
+# Test subsets are drawn with this fixed seed, whatever the run seed, so every method and every seed
+# is measured on the same test images.
+TEST_SUBSET_SEED = 1234
+
+
+@dataclass(frozen=True)
+class ClassText:
+    """A class as the text tower sees it: a name and the templates that turn it into prompts."""
+
+    name: str
+    templates: tuple[str, ...]
+
+    def prompts(self) -> list[str]:
+        return [template.format(self.name) for template in self.templates]
+
+
+@dataclass
+class Task:
+    """One step of a stream: training data, test data and the task's own classes."""
+
+    index: int
+    name: str
+    train: ClassificationDataset
+    test: ClassificationDataset
+    classes: list[ClassText]
+    """The task's own label space, in the order of training targets."""
+    target_of_label: dict[int, int]
+    """Dataset label -> index into ``classes``."""
+    dataset_labels: list[int] = field(default_factory=list)
+    """The dataset labels that belong to this task."""
+
+    def training_view(self, transform: Callable) -> "LabelledView":
+        return LabelledView(self.train, transform, self.target_of_label)
+
+
+@dataclass
+class HeldOut:
+    """A dataset never trained on, evaluated with its own label space (zero-shot retention)."""
+
+    name: str
+    test: ClassificationDataset
+    classes: list[ClassText]
+    target_of_label: dict[int, int]
+
+
+class LabelledView(Dataset):
+    """A dataset seen through a transform and a label map: items are (tensor, target index)."""
+
+    def __init__(self, dataset: ClassificationDataset, transform: Callable, target_of_label: dict[int, int]):
+        self.dataset = dataset
+        self.transform = transform
+        self.target_of_label = target_of_label
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        return self.transform(image), self.target_of_label[int(label)]
+
+    def targets(self) -> np.ndarray:
+        return np.array([self.target_of_label[int(label)] for label in self.dataset.labels], dtype=np.int64)
+
+
+@dataclass
+class Stream:
+    """A protocol over a list of tasks, plus held-out datasets."""
+
+    protocol: str
+    tasks: list[Task]
+    heldout: list[HeldOut] = field(default_factory=list)
+
+    @property
+    def task_id_at_test(self) -> bool:
+        """Whether evaluation may tell the model which task an image comes from."""
+        return self.protocol == "multi_domain"
+
+    def eval_label_space(self, after_task: int, eval_task: int) -> tuple[list[ClassText], dict[int, int]]:
+        """Label space and dataset-label -> index map for entry (after ``after_task``, on ``eval_task``).
+
+        ``after_task`` is -1 for the zero-shot row (before any training).
+        """
+        task = self.tasks[eval_task]
+        if self.protocol == "multi_domain":
+            return task.classes, task.target_of_label
+        if self.protocol == "class_incremental":
+            last = max(after_task, eval_task)
+            classes: list[ClassText] = []
+            for earlier in self.tasks[: last + 1]:
+                classes.extend(earlier.classes)
+            offset = sum(len(earlier.classes) for earlier in self.tasks[:eval_task])
+            return classes, {label: offset + index for label, index in task.target_of_label.items()}
+        if self.protocol == "xtail":
+            classes, index_of_name = self._union_label_space()
+            return classes, {label: index_of_name[task.classes[index].name]
+                             for label, index in task.target_of_label.items()}
+        raise ValueError(f"unknown protocol {self.protocol!r}")
+
+    def _union_label_space(self) -> tuple[list[ClassText], dict[str, int]]:
+        classes: list[ClassText] = []
+        index_of_name: dict[str, int] = {}
+        for task in self.tasks:
+            for class_text in task.classes:
+                if class_text.name not in index_of_name:
+                    index_of_name[class_text.name] = len(classes)
+                    classes.append(class_text)
+        return classes, index_of_name
+
+
+# --- building ------------------------------------------------------------------------------------
+
+
+def balanced_subset(dataset: ClassificationDataset, limit: int | None, seed: int) -> ClassificationDataset:
+    """At most ``limit`` items, as equal per class as possible, chosen with ``seed``; order kept."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    if limit <= 0:
+        raise DataError(f"{dataset.name}: a subset size must be positive, got {limit}")
+    rng = np.random.default_rng(seed)
+    labels = dataset.labels
+    per_class = {label: rng.permutation(np.flatnonzero(labels == label)) for label in np.unique(labels)}
+    chosen: list[int] = []
+    # Round-robin over classes so every class gets its share before any gets more.
+    depth = 0
+    while len(chosen) < limit:
+        added = False
+        for label in sorted(per_class):
+            indices = per_class[label]
+            if depth < len(indices) and len(chosen) < limit:
+                chosen.append(int(indices[depth]))
+                added = True
+        if not added:
+            break
+        depth += 1
+    return SubsetDataset(dataset, np.sort(np.array(chosen, dtype=np.int64)))
+
+
+def _classes_of(dataset: ClassificationDataset, labels: list[int]) -> list[ClassText]:
+    templates = tuple(dataset.templates)
+    return [ClassText(dataset.classnames[label], templates) for label in labels]
+
+
+def _restrict(dataset: ClassificationDataset, labels: list[int]) -> ClassificationDataset:
+    keep = np.flatnonzero(np.isin(dataset.labels, labels))
+    return SubsetDataset(dataset, keep)
+
+
+def class_incremental_tasks(
+    train: ClassificationDataset,
+    test: ClassificationDataset,
+    num_tasks: int,
+    class_order_seed: int,
+) -> list[Task]:
+    """Split one dataset's classes into ``num_tasks`` tasks in a seeded class order."""
+    num_classes = len(train.classnames)
+    if not 1 <= num_tasks <= num_classes:
+        raise DataError(f"{train.name} has {num_classes} classes; num_tasks must be in 1..{num_classes}")
+    order = np.random.default_rng(class_order_seed).permutation(num_classes)
+    tasks = []
+    for index, chunk in enumerate(np.array_split(order, num_tasks)):
+        labels = [int(label) for label in chunk]
+        tasks.append(
+            Task(
+                index=index,
+                name=f"{train.name}[{','.join(str(label) for label in labels)}]",
+                train=_restrict(train, labels),
+                test=_restrict(test, labels),
+                classes=_classes_of(train, labels),
+                target_of_label={label: position for position, label in enumerate(labels)},
+                dataset_labels=labels,
+            )
+        )
+    return tasks
+
+
+def domain_tasks(datasets: list[tuple[ClassificationDataset, ClassificationDataset]]) -> list[Task]:
+    """One task per (train, test) dataset pair, all classes of each dataset."""
+    tasks = []
+    names = [train.name for train, _ in datasets]
+    if len(set(names)) != len(names):
+        raise DataError(f"a dataset appears twice in the stream: {names}")
+    for index, (train, test) in enumerate(datasets):
+        labels = list(range(len(train.classnames)))
+        tasks.append(
+            Task(
+                index=index,
+                name=train.name,
+                train=train,
+                test=test,
+                classes=_classes_of(train, labels),
+                target_of_label={label: label for label in labels},
+                dataset_labels=labels,
+            )
+        )
+    return tasks
+
+
+def heldout_set(dataset: ClassificationDataset) -> HeldOut:
+    labels = list(range(len(dataset.classnames)))
+    return HeldOut(dataset.name, dataset, _classes_of(dataset, labels), {label: label for label in labels})
+
+
+def build_stream(stream_config, seed: int) -> Stream:
+    """Build a :class:`Stream` from a :class:`clipcl.config.StreamConfig`, loading real data."""
+    from clipcl.data.registry import load_dataset, resolve_dataset_list
+
+    config = stream_config
+    if config.protocol not in PROTOCOLS:
+        raise DataError(f"unknown protocol {config.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    names = resolve_dataset_list(config.datasets)
+    if not names:
+        raise DataError("stream.datasets is empty")
+
+    def load(name: str, split: str) -> ClassificationDataset:
+        return load_dataset(name, split, root=config.data_root, download=config.download)
+
+    def cap_test(dataset: ClassificationDataset, limit: int | None) -> ClassificationDataset:
+        return balanced_subset(dataset, limit, TEST_SUBSET_SEED)
+
+    if config.protocol == "class_incremental":
+        if len(names) != 1:
+            raise DataError(f"class_incremental takes one dataset, got {len(names)}: {names}")
+        train, test = load(names[0], "train"), load(names[0], "test")
+        order_seed = seed if config.class_order_seed is None else config.class_order_seed
+        tasks = class_incremental_tasks(train, test, config.num_tasks, order_seed)
+    else:
+        tasks = domain_tasks([(load(name, "train"), load(name, "test")) for name in names])
+    for task in tasks:
+        task.train = balanced_subset(task.train, config.train_samples_per_task, seed + 1000 * task.index)
+        task.test = cap_test(task.test, config.test_samples_per_task)
+        if len(task.train) == 0 or len(task.test) == 0:
+            raise DataError(f"task {task.name} has no training or no test images")
+
+    trained = set(names)
+    heldout = []
+    for name in resolve_dataset_list(config.heldout):
+        if name in trained:
+            raise DataError(f"held-out dataset {name} is also in the stream")
+        heldout.append(heldout_set(cap_test(load(name, "test"), config.heldout_samples)))
+    return Stream(config.protocol, tasks, heldout)

@@ -1,0 +1,142 @@
+"""Fill the accuracy matrix, one per-image prediction at a time.
+
+Every image is classified on its own: its features depend only on its own pixels (models are in
+eval mode, no batch statistics), and the prediction is the argmax over the label space of the
+cosine similarity with the class prompts. The evaluation batch size and which images share a batch
+change no number. Under data parallelism each process evaluates its shard and (correct, total)
+counts are summed, so the result is exact, not an average of averages.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from clipcl.data.base import ClassificationDataset
+from clipcl.data.streams import ClassText, LabelledView, Stream
+from clipcl.eval.cache import FeatureCache
+from clipcl.strategies.base import Strategy
+from clipcl.train.runtime import Runtime
+
+
+class _ImagesOnly(torch.utils.data.Dataset):
+    def __init__(self, dataset: ClassificationDataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(self.dataset[index][0])
+
+
+@torch.no_grad()
+def image_features(
+    strategy: Strategy,
+    dataset: ClassificationDataset,
+    task_index: int | None,
+    runtime: Runtime,
+    batch_size: int,
+    cache: FeatureCache | None = None,
+    show_progress: bool = False,
+    num_workers: int = 0,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Normalised features of this process's shard of ``dataset``, and the shard's dataset labels."""
+    indices = runtime.shard(list(range(len(dataset))))
+    labels = dataset.labels[indices] if len(indices) else np.zeros(0, dtype=np.int64)
+    image_key = strategy.image_cache_key(task_index) if cache is not None else None
+    cache_key = None
+    if image_key is not None:
+        cache_key = FeatureCache.make_key(image_key, dataset.fingerprint(), f"{runtime.rank}/{runtime.world_size}")
+        cached = cache.get(cache_key)
+        if cached is not None:
+            return cached.to(runtime.device), labels
+
+    view = Subset(_ImagesOnly(dataset, strategy.backend.preprocess), indices)
+    loader = DataLoader(view, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    chunks = []
+    for images in tqdm(loader, desc=f"encode {dataset.name}/{dataset.split}", leave=False,
+                       disable=not (show_progress and runtime.is_main), dynamic_ncols=True):
+        with runtime.autocast():
+            chunks.append(strategy.encode_images(images.to(runtime.device), task_index).float())
+    features = torch.cat(chunks) if chunks else torch.zeros(0, strategy.backend.embed_dim, device=runtime.device)
+    if cache_key is not None:
+        cache.put(cache_key, features)
+    return features, labels
+
+
+@torch.no_grad()
+def predict(
+    strategy: Strategy,
+    dataset: ClassificationDataset,
+    classes: list[ClassText],
+    task_index: int | None,
+    runtime: Runtime,
+    batch_size: int = 256,
+    cache: FeatureCache | None = None,
+    show_progress: bool = False,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Per-image predicted class indices (into ``classes``) for this process's shard, and its labels."""
+    features, labels = image_features(strategy, dataset, task_index, runtime, batch_size, cache, show_progress)
+    with runtime.autocast():
+        text = strategy.encode_classes(classes, task_index).float()
+    # float64 for the similarities: ties and near-ties resolve the same on every batch layout.
+    similarities = features.double() @ text.double().t()
+    return similarities.argmax(dim=-1).cpu(), labels
+
+
+def count_correct(
+    strategy: Strategy,
+    dataset: ClassificationDataset,
+    classes: list[ClassText],
+    target_of_label: dict[int, int],
+    task_index: int | None,
+    runtime: Runtime,
+    batch_size: int,
+    cache: FeatureCache | None,
+    show_progress: bool = False,
+) -> tuple[int, int]:
+    """(correct, total) over the whole dataset, summed over processes."""
+    predictions, labels = predict(strategy, dataset, classes, task_index, runtime, batch_size, cache, show_progress)
+    targets = torch.tensor([target_of_label[int(label)] for label in labels], dtype=torch.long)
+    counts = torch.tensor([int((predictions == targets).sum()), len(targets)], dtype=torch.long,
+                          device=runtime.device if runtime.world_size > 1 else "cpu")
+    counts = runtime.all_reduce_sum(counts)
+    return int(counts[0]), int(counts[1])
+
+
+def evaluate_row(
+    strategy: Strategy,
+    stream: Stream,
+    after_task: int,
+    runtime: Runtime,
+    batch_size: int,
+    cache: FeatureCache | None,
+    show_progress: bool = True,
+) -> tuple[list[float], list[float], float]:
+    """Accuracy (%) on every task of the stream and on every held-out set; also the seconds taken.
+
+    ``after_task`` is -1 for the zero-shot row.
+    """
+    started = time.perf_counter()
+    strategy.eval()
+    row = []
+    for task in stream.tasks:
+        classes, target_of_label = stream.eval_label_space(after_task, task.index)
+        task_index = task.index if stream.task_id_at_test else None
+        correct, total = count_correct(strategy, task.test, classes, target_of_label, task_index, runtime,
+                                       batch_size, cache, show_progress)
+        row.append(100.0 * correct / total)
+    heldout = []
+    for held in stream.heldout:
+        correct, total = count_correct(strategy, held.test, held.classes, held.target_of_label, None, runtime,
+                                       batch_size, cache, show_progress)
+        heldout.append(100.0 * correct / total)
+    return row, heldout, time.perf_counter() - started
+
+
+__all__ = ["LabelledView", "count_correct", "evaluate_row", "image_features", "predict"]

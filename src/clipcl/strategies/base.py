@@ -1,0 +1,108 @@
+"""The strategy contract.
+
+A strategy is an ``nn.Module`` that owns the backend and whatever else the method needs (teachers,
+memories, adapters). The loop calls, per task: ``before_task`` -> (optimizer over
+``trainable_parameters()``) -> ``forward`` for each batch, which returns losses -> ``after_step`` ->
+``after_task``; then the evaluator calls ``encode_images`` / ``encode_classes``. Strategies never call
+``backward`` or ``optimizer.step``: the loop does, so mixed precision, accumulation and data
+parallelism live in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from clipcl.losses import normalize
+
+if TYPE_CHECKING:
+    from clipcl.data.streams import ClassText, Task
+    from clipcl.models.base import Backend
+
+
+@dataclass
+class StrategyConfig:
+    """Fields every strategy accepts."""
+
+    name: str = ""
+    """The strategy's name in ``STRATEGIES``."""
+
+
+def class_text_features(backend: "Backend", classes: list["ClassText"], ensemble: bool = True) -> torch.Tensor:
+    """One normalised text embedding per class.
+
+    With ``ensemble`` (evaluation), each class is the normalised mean of its normalised prompt
+    embeddings over all templates, as in the CLIP paper; without it (training), the first template.
+    """
+    if not ensemble:
+        return normalize(backend.encode_texts([c.templates[0].format(c.name) for c in classes]))
+    features = []
+    for class_text in classes:
+        prompts = normalize(backend.encode_texts(class_text.prompts()))
+        features.append(normalize(prompts.mean(dim=0)))
+    return torch.stack(features)
+
+
+def hash_module(module: nn.Module) -> str:
+    """A digest of every parameter and buffer of ``module``: equal digests mean equal weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+class Strategy(nn.Module):
+    """Base strategy: zero-shot behaviour, no training. Subclasses override what they change."""
+
+    Config = StrategyConfig
+    #: Whether the method needs to be told where tasks start and end.
+    needs_task_boundaries: bool = True
+
+    def __init__(self, backend: "Backend", config: StrategyConfig) -> None:
+        super().__init__()
+        self.backend = backend
+        self.config = config
+
+    # --- the loop's hooks ----------------------------------------------------------------------
+    def before_task(self, task: "Task") -> None:
+        """Grow, freeze or snapshot before training on ``task``."""
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, task: "Task") -> dict[str, torch.Tensor]:
+        """Return ``{"loss": scalar, ...}`` for a batch of ``task`` (targets index ``task.classes``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not train")
+
+    def after_step(self, step: int) -> None:
+        """Called after every optimizer step (e.g. for weight averaging)."""
+
+    def after_task(self, task: "Task") -> None:
+        """Consolidate, merge or calibrate after training on ``task``."""
+
+    def restore_structure(self, completed: list["Task"]) -> None:
+        """Rebuild modules that earlier tasks added, before a checkpoint is loaded on resume."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [parameter for parameter in self.parameters() if parameter.requires_grad]
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor, task_index: int | None) -> torch.Tensor:
+        """Normalised image features. ``task_index`` is None when the protocol gives no task id."""
+        return normalize(self.backend.encode_image(images))
+
+    def encode_classes(self, classes: list["ClassText"], task_index: int | None) -> torch.Tensor:
+        """Normalised class text features (prompt ensemble)."""
+        return class_text_features(self.backend, classes, ensemble=True)
+
+    def image_cache_key(self, task_index: int | None) -> str | None:
+        """A key for cached image features, or None when they cannot be cached.
+
+        The default image path is the backend's image tower alone, so its weights and the
+        preprocessing identify the features.
+        """
+        backend = self.backend
+        return f"{backend.model_id}|{backend.preprocess_id}|{hash_module(backend.image_tower)}"

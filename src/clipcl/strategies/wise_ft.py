@@ -1,0 +1,45 @@
+"""WiSE-FT (Wortsman et al. CVPR 2022) applied after every task of a stream.
+
+After fine-tuning on a task, the trained weights are interpolated with the zero-shot weights,
+``theta <- (1 - alpha) * theta_zero_shot + alpha * theta_finetuned``, and the next task starts from
+the interpolated weights. This is the continual WiSE-FT baseline of ZSCL (Zheng et al. 2023).
+``alpha = 0.5`` is the paper's usual middle point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from clipcl.strategies.finetune import Finetune, FinetuneConfig
+
+
+@dataclass
+class WiseFTConfig(FinetuneConfig):
+    alpha: float = 0.5
+    """Weight of the fine-tuned model in the interpolation (0 = zero-shot, 1 = plain fine-tuning)."""
+
+
+class WiseFT(Finetune):
+    Config = WiseFTConfig
+
+    def __init__(self, backend, config: WiseFTConfig) -> None:
+        if not 0.0 <= config.alpha <= 1.0:
+            raise ValueError(f"strategy.alpha must be in [0, 1], got {config.alpha}")
+        super().__init__(backend, config)
+        # The zero-shot weights of the trained parameters, taken at construction, i.e. before any
+        # training or checkpoint loading. Kept outside the state dict: they are the pretrained model.
+        self._zero_shot = {
+            name: parameter.detach().clone()
+            for name, parameter in backend.named_parameters()
+            if parameter.requires_grad
+        }
+
+    @torch.no_grad()
+    def after_task(self, task) -> None:
+        super().after_task(task)
+        alpha = self.config.alpha
+        for name, parameter in self.backend.named_parameters():
+            if name in self._zero_shot:
+                parameter.mul_(alpha).add_(self._zero_shot[name].to(parameter.device), alpha=1.0 - alpha)

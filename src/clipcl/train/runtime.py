@@ -1,0 +1,156 @@
+"""Where code runs: one process, or several in data parallel. The only module that knows.
+
+Data parallelism is plain torch.distributed: every process holds the whole strategy, takes its slice
+of each global batch, and gradients are averaged with one all-reduce before the optimizer step.
+We average gradients by hand instead of wrapping in DistributedDataParallel because strategies grow
+modules between tasks and call the backend in several ways per step (teachers, replay, text passes);
+an explicit all-reduce after ``backward`` is correct for all of them and is exactly equivalent to
+one process on the whole batch when every process gets the same number of examples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+
+def pick_device(accelerator: str) -> torch.device:
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    if accelerator == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.accelerator=cuda but no CUDA device is visible")
+        return torch.device("cuda")
+    if accelerator != "auto":
+        raise ValueError(f"train.accelerator must be auto, cpu or cuda, got {accelerator!r}")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Runtime:
+    """One process. Subclassed by :class:`DistributedRuntime`."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, device: torch.device, precision: str = "fp32") -> None:
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {precision!r}")
+        if precision == "fp16" and device.type != "cuda":
+            raise ValueError("train.precision=fp16 needs a CUDA device; use bf16 on CPU")
+        self.device = device
+        self.precision = precision
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def sync_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        """Average gradients over processes (nothing to do in one process)."""
+
+    def step(self, optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter],
+             max_grad_norm: float | None) -> None:
+        """Unscale, clip, step. Gradients must already be synchronised."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        if max_grad_norm is not None and parameters:
+            torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def barrier(self) -> None:
+        pass
+
+    def shard(self, items: list[int]) -> list[int]:
+        """This process's share of a list of indices (all of it in one process)."""
+        return items
+
+    def close(self) -> None:
+        pass
+
+
+class DistributedRuntime(Runtime):
+    """One of ``world_size`` processes joined by torch.distributed (gloo on CPU, nccl on GPU)."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device, precision: str = "fp32") -> None:
+        if device.type == "cuda":
+            device = torch.device("cuda", rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        super().__init__(device, precision)
+        self.rank = rank
+        self.world_size = world_size
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+
+    def sync_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        # One flat buffer, one all-reduce: fewer messages than one per parameter.
+        with_grad = [p for p in parameters if p.grad is not None]
+        if not with_grad:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.world_size
+        offset = 0
+        for parameter in with_grad:
+            count = parameter.grad.numel()
+            parameter.grad.copy_(flat[offset: offset + count].view_as(parameter.grad))
+            offset += count
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def shard(self, items: list[int]) -> list[int]:
+        return items[self.rank:: self.world_size]
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def rendezvous_environment(port: int) -> Iterator[None]:
+    """Set MASTER_ADDR/MASTER_PORT for spawned workers, restoring the environment afterwards."""
+    saved = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
