@@ -70,15 +70,11 @@ def command_list(args: argparse.Namespace) -> int:
     print("datasets:")
     for name in available_datasets():
         print(f"  {name}")
-    print("models (model.backend / model.name):")
-    print("  starter        offline ConSE dual encoder (EfficientNet-Lite0 + all-MiniLM-L6-v2), the default")
-    print("  open_clip      any open_clip architecture name or JSON config; pretrained tag or local file")
-    print("  hf             a transformers CLIP directory or hub id")
-    if args.open_clip_models:
-        import open_clip
+    from clipcl.models import available_models
 
-        for name in open_clip.list_models():
-            print(f"  open_clip:{name}")
+    print("models (model.backend / model.name):")
+    for description in available_models(open_clip_names=args.open_clip_models):
+        print(f"  {description}")
     return 0
 
 

@@ -32,7 +32,7 @@ class ModelConfig:
     pretrained: str | None = None
     """open_clip: a pretrained tag (``openai``, downloads) or a local checkpoint file."""
     image_size: int | None = None
-    """Override the input resolution (starter only; it trades speed for accuracy)."""
+    """Override the input resolution (starter and open_clip; it trades speed for accuracy)."""
 
 
 @dataclass
