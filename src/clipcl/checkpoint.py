@@ -85,8 +85,8 @@ def load_checkpoint(path: str | Path, module: torch.nn.Module, fingerprint: str)
     try:
         with safe_open(str(path), framework="pt") as file:
             metadata = file.metadata() or {}
-            tensors = {name: file.get_tensor(name) for name in file.keys()}
-    except Exception as error:  # safetensors raises several types for damaged files
+            tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as error:  # noqa: BLE001 (safetensors raises several types for damaged files)
         raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
     if metadata.get("format") != "clipcl-delta-1":
         raise CheckpointError(f"{path} is not a clipcl checkpoint")

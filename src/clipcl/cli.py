@@ -208,7 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after options (`clipcl run c.yaml --quiet train.lr=1`), which argparse's
+    # positional nargs="*" does not collect; pick them up from the leftovers.
+    args, leftovers = parser.parse_known_args(argv)
+    if args.command == "run":
+        args.overrides += [item for item in leftovers if "=" in item and not item.startswith("-")]
+        leftovers = [item for item in leftovers if not ("=" in item and not item.startswith("-"))]
+    if leftovers:
+        parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
     return args.handler(args)
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 COMPARISON_COLUMNS = [
     ("transfer", "Transfer"),
@@ -66,9 +67,9 @@ def run_summary_markdown(results: dict[str, Any]) -> str:
     lines += [
         "",
         f"Parameters: {params['trainable']:,} trainable of {params['total']:,}.",
-        f"Train seconds per task: {', '.join(f'{s:.1f}' for s in timing['train_seconds'])}; "
-        f"eval seconds per row: {timing['zero_shot_eval_seconds']:.1f} (zero-shot), "
-        f"{', '.join(f'{s:.1f}' for s in timing['eval_seconds'])}.",
+        (f"Train seconds per task: {', '.join(f'{s:.1f}' for s in timing['train_seconds'])}; "
+         f"eval seconds per row: {timing['zero_shot_eval_seconds']:.1f} (zero-shot), "
+         f"{', '.join(f'{s:.1f}' for s in timing['eval_seconds'])}."),
         "",
     ]
     return "\n".join(lines)

@@ -9,7 +9,7 @@ Preprocessing is applied later by the stream (it belongs to the model, not the d
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image

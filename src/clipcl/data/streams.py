@@ -18,8 +18,8 @@ Everything is deterministic given the seed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ class Task:
     dataset_labels: list[int] = field(default_factory=list)
     """The dataset labels that belong to this task."""
 
-    def training_view(self, transform: Callable) -> "LabelledView":
+    def training_view(self, transform: Callable) -> LabelledView:
         return LabelledView(self.train, transform, self.target_of_label)
 
 

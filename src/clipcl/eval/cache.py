@@ -49,7 +49,7 @@ class FeatureCache:
         if path is not None and path.exists():
             try:
                 features = load_file(str(path))["features"]
-            except Exception:  # a damaged cache file is only a miss; it will be rewritten
+            except Exception:  # noqa: BLE001 (a damaged cache file is only a miss; it is rewritten)
                 features = None
             if features is not None:
                 self._memory[key] = features

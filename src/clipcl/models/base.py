@@ -14,7 +14,7 @@ A backend is an ``nn.Module`` holding two towers and a temperature:
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn

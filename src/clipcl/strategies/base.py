@@ -32,7 +32,7 @@ class StrategyConfig:
     """The strategy's name in ``STRATEGIES``."""
 
 
-def class_text_features(backend: "Backend", classes: list["ClassText"], ensemble: bool = True) -> torch.Tensor:
+def class_text_features(backend: Backend, classes: list[ClassText], ensemble: bool = True) -> torch.Tensor:
     """One normalised text embedding per class.
 
     With ``ensemble`` (evaluation), each class is the normalised mean of its normalised prompt
@@ -40,10 +40,15 @@ def class_text_features(backend: "Backend", classes: list["ClassText"], ensemble
     """
     if not ensemble:
         return normalize(backend.encode_texts([c.templates[0].format(c.name) for c in classes]))
-    features = []
-    for class_text in classes:
-        prompts = normalize(backend.encode_texts(class_text.prompts()))
-        features.append(normalize(prompts.mean(dim=0)))
+    prompts = [class_text.prompts() for class_text in classes]
+    flat = [prompt for class_prompts in prompts for prompt in class_prompts]
+    # Encode every prompt of every class in a few large batches, then average per class.
+    encoded = normalize(torch.cat([backend.encode_texts(flat[start: start + 512])
+                                   for start in range(0, len(flat), 512)]))
+    features, start = [], 0
+    for class_prompts in prompts:
+        features.append(normalize(encoded[start: start + len(class_prompts)].mean(dim=0)))
+        start += len(class_prompts)
     return torch.stack(features)
 
 
@@ -64,26 +69,26 @@ class Strategy(nn.Module):
     #: Whether the method needs to be told where tasks start and end.
     needs_task_boundaries: bool = True
 
-    def __init__(self, backend: "Backend", config: StrategyConfig) -> None:
+    def __init__(self, backend: Backend, config: StrategyConfig) -> None:
         super().__init__()
         self.backend = backend
         self.config = config
 
     # --- the loop's hooks ----------------------------------------------------------------------
-    def before_task(self, task: "Task") -> None:
+    def before_task(self, task: Task) -> None:
         """Grow, freeze or snapshot before training on ``task``."""
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor, task: "Task") -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, task: Task) -> dict[str, torch.Tensor]:
         """Return ``{"loss": scalar, ...}`` for a batch of ``task`` (targets index ``task.classes``)."""
         raise NotImplementedError(f"{type(self).__name__} does not train")
 
     def after_step(self, step: int) -> None:
         """Called after every optimizer step (e.g. for weight averaging)."""
 
-    def after_task(self, task: "Task") -> None:
+    def after_task(self, task: Task) -> None:
         """Consolidate, merge or calibrate after training on ``task``."""
 
-    def restore_structure(self, completed: list["Task"]) -> None:
+    def restore_structure(self, completed: list[Task]) -> None:
         """Rebuild modules that earlier tasks added, before a checkpoint is loaded on resume."""
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -94,7 +99,7 @@ class Strategy(nn.Module):
         """Normalised image features. ``task_index`` is None when the protocol gives no task id."""
         return normalize(self.backend.encode_image(images))
 
-    def encode_classes(self, classes: list["ClassText"], task_index: int | None) -> torch.Tensor:
+    def encode_classes(self, classes: list[ClassText], task_index: int | None) -> torch.Tensor:
         """Normalised class text features (prompt ensemble)."""
         return class_text_features(self.backend, classes, ensemble=True)
 

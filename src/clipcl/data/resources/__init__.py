@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 _HERE = Path(__file__).parent
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(filename: str) -> dict:
     return json.loads((_HERE / filename).read_text())
 

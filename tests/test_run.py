@@ -1,0 +1,137 @@
+"""Run-level behaviour: resume, data parallel equivalence, per-image evaluation, cache, errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from clipcl.checkpoint import CheckpointError, load_checkpoint
+from clipcl.cli import main
+from clipcl.config import ConfigError, config_fingerprint, load_config
+from clipcl.data.base import SubsetDataset
+from clipcl.data.streams import build_stream
+from clipcl.eval.cache import FeatureCache
+from clipcl.eval.evaluator import evaluate_row, predict
+from clipcl.models import build_backend
+from clipcl.run import RunError, run_experiment, seed_everything
+from clipcl.strategies import build_strategy
+from clipcl.train.runtime import Runtime
+
+FINETUNE = {"name": "finetune", "train": "all"}
+
+
+def test_resume_after_interruption_gives_same_results(tiny_run_config, tmp_path):
+    full = run_experiment(tiny_run_config(FINETUNE, output_dir=str(tmp_path / "full")), show_progress=False)
+    config = tiny_run_config(FINETUNE, output_dir=str(tmp_path / "resumed"))
+    stopped = run_experiment(config, show_progress=False, stop_after_task=0)
+    assert stopped["interrupted"]
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    assert (tmp_path / "resumed" / "checkpoints" / "after_task_00.safetensors").exists()
+    resumed = run_experiment(config, show_progress=False)
+    assert resumed["accuracy"]["matrix"] == full["accuracy"]["matrix"]
+    assert resumed["metrics"] == full["metrics"]
+
+
+def test_two_processes_give_the_same_matrix_as_one(tiny_run_config, tmp_path):
+    one = run_experiment(tiny_run_config(FINETUNE, output_dir=str(tmp_path / "one")), show_progress=False)
+    two = run_experiment(tiny_run_config(FINETUNE, output_dir=str(tmp_path / "two"), train={"devices": 2}),
+                         show_progress=False)
+    assert two["accuracy"]["matrix"] == one["accuracy"]["matrix"]
+    assert two["accuracy"]["zero_shot_row"] == one["accuracy"]["zero_shot_row"]
+
+
+def _strategy_and_stream(config):
+    seed_everything(config.seed)
+    backend = build_backend(config.model)
+    return build_strategy(backend, config.strategy).eval(), build_stream(config.stream, config.seed)
+
+
+def test_predictions_do_not_depend_on_batch_size_or_composition(tiny_run_config):
+    strategy, stream = _strategy_and_stream(tiny_run_config({"name": "zero_shot"}))
+    runtime = Runtime(torch.device("cpu"))
+    task = stream.tasks[1]
+    classes, _ = stream.eval_label_space(2, 1)
+    reference, _ = predict(strategy, task.test, classes, 1, runtime, batch_size=1)
+    for batch_size in (7, 64):
+        predictions, _ = predict(strategy, task.test, classes, 1, runtime, batch_size=batch_size)
+        assert torch.equal(predictions, reference)
+    # Same images, shuffled and mixed with another task's images: each keeps its prediction.
+    order = np.random.default_rng(0).permutation(len(task.test))
+    shuffled, _ = predict(strategy, SubsetDataset(task.test, order), classes, 1, runtime, batch_size=16)
+    assert torch.equal(shuffled, reference[order])
+
+
+def test_feature_cache_is_used_and_changes_nothing(tiny_run_config, tmp_path):
+    strategy, stream = _strategy_and_stream(tiny_run_config({"name": "zero_shot"}))
+    runtime = Runtime(torch.device("cpu"))
+    cache = FeatureCache(tmp_path / "cache")
+    first = evaluate_row(strategy, stream, 0, runtime, 32, cache, show_progress=False)[0]
+    assert cache.misses == 3 and cache.hits == 0
+    second = evaluate_row(strategy, stream, 1, runtime, 32, cache, show_progress=False)[0]
+    assert cache.hits == 3
+    uncached = evaluate_row(strategy, stream, 1, runtime, 32, None, show_progress=False)[0]
+    assert second == uncached
+    # A fresh cache object reads the same features back from disk.
+    disk = FeatureCache(tmp_path / "cache")
+    assert evaluate_row(strategy, stream, 0, runtime, 32, disk, show_progress=False)[0] == first
+    assert disk.hits == 3
+    # Changing the image tower's weights changes the key: no stale features.
+    with torch.no_grad():
+        next(strategy.backend.image_tower.parameters()).add_(1.0)
+    evaluate_row(strategy, stream, 0, runtime, 32, disk, show_progress=False)
+    assert disk.misses == 3
+
+
+def test_checkpoint_from_another_config_is_refused(tiny_run_config, tmp_path):
+    config = tiny_run_config(FINETUNE)
+    run_experiment(config, show_progress=False, stop_after_task=0)
+    other = tiny_run_config({"name": "finetune", "train": "image"})
+    with pytest.raises(RunError, match="another config"):
+        run_experiment(other, show_progress=False)
+    strategy, _ = _strategy_and_stream(other)
+    with pytest.raises(CheckpointError, match="another config"):
+        load_checkpoint(tmp_path / "run" / "checkpoints" / "after_task_00.safetensors", strategy,
+                        config_fingerprint(other))
+
+
+def test_config_errors_are_one_line(tmp_path, capsys):
+    path = tmp_path / "config.yaml"
+    path.write_text("train:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'train.lrr'.*train.lr"):
+        load_config(path, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="unknown strategy 'nope'.*finetune"):
+        load_config(path, ["strategy.name=nope"])
+    with pytest.raises(ConfigError, match="unknown key 'strategy.alpha'"):
+        load_config(path, ["strategy.name=finetune", "strategy.alpha=0.3"])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_config(path, ["train.batch_size=big"])
+    assert main(["run", str(path), "model.nme=x"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "unknown key 'model.nme'" in error[0]
+
+
+def test_cli_run_report_and_unknown_dataset(tiny_run_config, tiny_config_path, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps({
+        "model": {"backend": "open_clip", "name": tiny_config_path},
+        "stream": {"protocol": "xtail", "datasets": ["synthetic-0", "synthetic-1"], "test_samples_per_task": 30},
+        "strategy": {"name": "finetune", "train": "text"},
+        "train": {"batch_size": 8, "max_steps_per_task": 2},
+        "eval": {"cache_dir": ""},
+        "output_dir": str(tmp_path / "cli-run"),
+    }))
+    assert main(["run", str(config), "--quiet"]) == 0
+    run_dir = tmp_path / "cli-run"
+    for name in ("config.yaml", "results.json", "summary.md", "accuracy_matrix.png", "task_accuracy.png",
+                 "checkpoints/after_task_00.safetensors", "checkpoints/after_task_01.safetensors"):
+        assert (run_dir / name).exists(), name
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["accuracy"]["columns"] == ["synthetic-0", "synthetic-1"]
+    assert {"transfer", "avg", "last", "bwt", "forgetting"} <= set(results["metrics"])
+    capsys.readouterr()
+    assert main(["report", str(run_dir), str(run_dir), "--output", str(tmp_path / "cmp.md")]) == 0
+    assert "# Comparison" in (tmp_path / "cmp.md").read_text()
+    assert main(["run", str(config), "--quiet", "stream.datasets=[no_such_dataset]",
+                 f"output_dir={tmp_path / 'x'}"]) == 2
+    assert "no_such_dataset" in capsys.readouterr().err
