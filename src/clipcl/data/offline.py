@@ -67,7 +67,7 @@ def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tu
     for label in np.unique(labels):
         indices = np.flatnonzero(labels == label)
         rng.shuffle(indices)
-        cut = int(round(len(indices) * test_fraction))
+        cut = round(len(indices) * test_fraction)
         test.append(indices[:cut])
         train.append(indices[cut:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
