@@ -60,8 +60,8 @@ class Task:
     dataset_labels: list[int] = field(default_factory=list)
     """The dataset labels that belong to this task."""
 
-    def training_view(self, transform: Callable) -> LabelledView:
-        return LabelledView(self.train, transform, self.target_of_label)
+    def training_view(self, transform: Callable, augmentation_seed: int | None = None) -> LabelledView:
+        return LabelledView(self.train, transform, self.target_of_label, augmentation_seed)
 
 
 @dataclass
@@ -75,18 +75,33 @@ class HeldOut:
 
 
 class LabelledView(Dataset):
-    """A dataset seen through a transform and a label map: items are (tensor, target index)."""
+    """A dataset seen through a transform and a label map: items are (tensor, target index).
 
-    def __init__(self, dataset: ClassificationDataset, transform: Callable, target_of_label: dict[int, int]):
+    Items may also be requested as ``(index, draw)`` pairs: the random augmentation of that draw is
+    then seeded from ``(augmentation_seed, draw)``, so augmentations depend only on an image's place
+    in the training stream, not on which process or worker loads it, and data-parallel and
+    single-process runs see identical crops.
+    """
+
+    def __init__(self, dataset: ClassificationDataset, transform: Callable, target_of_label: dict[int, int],
+                 augmentation_seed: int | None = None):
         self.dataset = dataset
         self.transform = transform
         self.target_of_label = target_of_label
+        self.augmentation_seed = augmentation_seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.dataset[index]
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        if isinstance(item, tuple):
+            index, draw = item
+            image, label = self.dataset[index]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self.augmentation_seed or 0) * 1_000_003 + draw)
+                pixels = self.transform(image)
+            return pixels, self.target_of_label[int(label)]
+        image, label = self.dataset[item]
         return self.transform(image), self.target_of_label[int(label)]
 
     def targets(self) -> np.ndarray:

@@ -21,11 +21,14 @@ from clipcl.strategies.base import Strategy
 from clipcl.train.runtime import Runtime
 
 
-class GlobalBatchSampler(Sampler[list[int]]):
-    """Seeded shuffled global batches; each process takes an equal slice of every global batch.
+class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Seeded shuffled global batches; each process takes an equal, contiguous slice of each one.
 
     With the same seed, the union over processes of step ``k``'s slices is exactly the batch one
-    process would see at step ``k``, so averaged gradients equal the single-process gradient.
+    process would see at step ``k``. Process ``r`` gets the ``r``-th block, which is also the ``r``-th
+    micro-batch a single process would see with ``grad_accumulation = world_size`` and a batch
+    ``world_size`` times smaller: the two runs then compute bitwise the same gradients
+    (``a/2 + b/2 == (a + b)/2`` in floating point), which is what the data-parallel test checks.
     """
 
     def __init__(self, size: int, batch_size: int, epochs: int, seed: int, rank: int, world_size: int):
@@ -42,12 +45,16 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def __iter__(self):
         generator = np.random.default_rng(self.seed)
-        for _ in range(self.epochs):
+        for epoch in range(self.epochs):
             order = generator.permutation(self.size)
             for batch in range(self.batches_per_epoch):
-                indices = order[batch * self.batch_size: (batch + 1) * self.batch_size]
-                usable = len(indices) - len(indices) % self.world_size
-                yield [int(index) for index in indices[:usable][self.rank:: self.world_size]]
+                start = batch * self.batch_size
+                indices = order[start: start + self.batch_size]
+                share = len(indices) // self.world_size
+                first = self.rank * share
+                # (dataset index, draw number): the draw number seeds this image's augmentation.
+                yield [(int(indices[position]), epoch * self.size + start + position)
+                       for position in range(first, first + share)]
 
 
 def learning_rate_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -81,7 +88,7 @@ def train_task(
     if not parameters:
         return TaskTrainingStats(0, 0.0, None, None, 0)
 
-    dataset = task.training_view(strategy.backend.train_preprocess)
+    dataset = task.training_view(strategy.backend.train_preprocess, augmentation_seed=seed)
     sampler = GlobalBatchSampler(len(dataset), config.batch_size, config.epochs, seed, runtime.rank, runtime.world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
                         persistent_workers=False)
@@ -102,6 +109,7 @@ def train_task(
     progress = tqdm(total=total_steps, desc=f"train {task.name}", disable=not (show_progress and runtime.is_main),
                     leave=False, dynamic_ncols=True)
     micro = 0
+    step_loss = torch.zeros(())
     optimizer.zero_grad(set_to_none=True)
     for images, targets in loader:
         images, targets = images.to(runtime.device), targets.to(runtime.device)
@@ -111,6 +119,7 @@ def train_task(
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step} of task {task.name}")
         runtime.backward(loss / config.grad_accumulation)
+        step_loss += loss.detach().float() / config.grad_accumulation
         examples += len(images) * runtime.world_size
         micro += 1
         if micro % config.grad_accumulation:
@@ -121,7 +130,9 @@ def train_task(
         optimizer.zero_grad(set_to_none=True)
         strategy.after_step(step)
         step += 1
-        last_loss = float(loss.detach())
+        # The step's loss over all its micro-batches and processes, for logging.
+        last_loss = float(runtime.all_reduce_sum(step_loss.to(runtime.device))) / runtime.world_size
+        step_loss = torch.zeros(())
         if first_loss is None:
             first_loss = last_loss
         progress.set_postfix(loss=f"{last_loss:.3f}")
