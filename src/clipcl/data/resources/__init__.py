@@ -19,3 +19,9 @@ def classnames_and_templates(dataset: str) -> tuple[list[str], list[str]]:
     entry = _load("classnames.json")[dataset]
     templates = _load("templates.json")[entry.get("templates", dataset)]
     return list(entry["classnames"]), list(templates)
+
+
+def templates_for(dataset: str) -> list[str]:
+    """Prompt templates of a dataset (its own list if clipcl has one, else generic photo templates)."""
+    templates = _load("templates.json")
+    return list(templates.get(dataset, templates["photos"]))
