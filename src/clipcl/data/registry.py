@@ -9,8 +9,8 @@ asked. Importing this module imports neither torchvision nor scikit-learn.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from clipcl.data.base import ClassificationDataset, DataError
 

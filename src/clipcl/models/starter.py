@@ -29,8 +29,8 @@ import hashlib
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -186,7 +186,7 @@ class StarterBackend(Backend):
         if path.exists():
             try:
                 return load_file(str(path))["embeddings"]
-            except Exception:  # noqa: BLE001 (a damaged cache file is recomputed)
+            except Exception:  # noqa: BLE001, S110 (a damaged cache file is recomputed)
                 pass
         prompts = [template.format(name) for name in IMAGENET_CLASSNAMES for template in IMAGENET_TEMPLATES]
         chunks = []
