@@ -23,10 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipcl.config import ModelConfig
 from clipcl.data.streams import balanced_subset, heldout_set
 from clipcl.eval.evaluator import predict
-from clipcl.models.starter import StarterBackend
+from clipcl.models.starter import DEFAULT_IMAGE_SIZE, StarterBackend
 from clipcl.strategies.base import class_text_features
 from clipcl.strategies.zero_shot import ZeroShot, ZeroShotConfig
 from clipcl.train.runtime import Runtime
@@ -114,7 +113,7 @@ def main() -> None:
     choose.add_argument("--temperatures", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     choose.add_argument("--output")
     report = sub.add_parser("test")
-    report.add_argument("--size", type=int, default=ModelConfig().image_size or 160)
+    report.add_argument("--size", type=int, default=DEFAULT_IMAGE_SIZE)
     report.add_argument("--datasets", nargs="+", type=lambda text: tuple(text.split(":")),
                         default=[("fashion_mnist", "test"), ("mnist_5k", "test"), ("digits", "test")],
                         help="name:split pairs")
