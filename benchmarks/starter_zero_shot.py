@@ -3,7 +3,7 @@
 Two modes:
 
     # choose settings on a validation subset of the Fashion-MNIST TRAIN split (never the test set)
-    python benchmarks/starter_zero_shot.py select --images 1000 --sizes 112 160 224
+    python benchmarks/starter_zero_shot.py select --images 1000 --output docs/results/starter_selection.json
     # report test accuracy of the defaults on full test sets, and encoding speed
     python benchmarks/starter_zero_shot.py test --output docs/results/starter_zero_shot.json
 
@@ -56,8 +56,13 @@ def select(args) -> None:
 
     validation = balanced_subset(load_dataset("fashion_mnist", "train"), args.images, seed=0)
     labels = validation.labels
+    import clipcl.models.starter as starter_module
+
     rows = []
-    for size in args.sizes:
+    threshold = starter_module.DARK_BORDER_THRESHOLD
+    for size, polarity in [(size, polarity) for size in args.sizes for polarity in args.polarity]:
+        # Polarity normalisation on (1) or off (0): the module-level threshold is read per image.
+        starter_module.DARK_BORDER_THRESHOLD = threshold if polarity else -1
         backend = StarterBackend(image_size=size).eval()
         with torch.no_grad():
             text = class_text_features(backend, heldout_set(validation).classes)
@@ -65,7 +70,8 @@ def select(args) -> None:
         for top_k in args.top_k:
             for temperature in args.temperatures:
                 accuracy = conse_accuracy(logits, backend.image_tower.class_embeddings, text, labels, top_k, temperature)
-                rows.append({"size": size, "top_k": top_k, "temperature": temperature, "val_accuracy": accuracy,
+                rows.append({"size": size, "polarity": polarity, "top_k": top_k, "temperature": temperature,
+                             "val_accuracy": accuracy,
                              "images_per_second": round(speed, 1)})
                 print(json.dumps(rows[-1]), flush=True)
     best = max(rows, key=lambda row: row["val_accuracy"])
@@ -108,7 +114,8 @@ def main() -> None:
     sub = parser.add_subparsers(dest="mode", required=True)
     choose = sub.add_parser("select")
     choose.add_argument("--images", type=int, default=1000)
-    choose.add_argument("--sizes", type=int, nargs="+", default=[112, 160, 224])
+    choose.add_argument("--sizes", type=int, nargs="+", default=[112, 160])
+    choose.add_argument("--polarity", type=int, nargs="+", default=[0, 1], help="1: invert light-on-dark images")
     choose.add_argument("--top-k", type=int, nargs="+", default=[1, 3, 5, 10, 20, 50, 1000])
     choose.add_argument("--temperatures", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     choose.add_argument("--output")

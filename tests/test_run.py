@@ -120,6 +120,9 @@ def test_config_errors_are_one_line(tmp_path, capsys):
         load_config(path, ["strategy.name=finetune", "strategy.alpha=0.3"])
     with pytest.raises(ConfigError, match="expected an integer"):
         load_config(path, ["train.batch_size=big"])
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(path, ["train.lr=fast"])
+    assert load_config(path, ["train.lr=1e-4"]).train.lr == pytest.approx(1e-4)  # YAML reads this as text
     assert main(["run", str(path), "model.nme=x"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "unknown key 'model.nme'" in error[0]

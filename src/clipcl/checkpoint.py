@@ -41,6 +41,21 @@ def atomic_write_json(path: str | Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                            metadata: dict[str, str] | None = None) -> None:
+    """Save tensors with safetensors through a temporary file, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
 def fingerprint_digest(fingerprint: str) -> str:
     return hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
 
@@ -64,19 +79,9 @@ def changed_state(module: torch.nn.Module, reference: dict[str, torch.Tensor]) -
 def save_checkpoint(path: str | Path, module: torch.nn.Module, reference: dict[str, torch.Tensor],
                     fingerprint: str, task_index: int) -> int:
     """Write the changed state of ``module`` after ``task_index``; returns the bytes written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = changed_state(module, reference)
     metadata = {"config": fingerprint_digest(fingerprint), "task_index": str(task_index), "format": "clipcl-delta-1"}
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path.stat().st_size
+    atomic_save_safetensors(changed_state(module, reference), path, metadata)
+    return Path(path).stat().st_size
 
 
 def load_checkpoint(path: str | Path, module: torch.nn.Module, fingerprint: str) -> int:

@@ -20,6 +20,8 @@ COMPARISON_COLUMNS = [
     ("bwt", "BWT"),
     ("forgetting", "Forgetting"),
     ("avg_incremental", "Avg inc."),
+    ("heldout_zero_shot", "Held-out ZS"),
+    ("heldout_last", "Held-out last"),
     ("heldout_retention", "Held-out retention"),
 ]
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -184,7 +183,9 @@ class StarterBackend(Backend):
     def _imagenet_prompt_embeddings(self, text_directory: Path) -> torch.Tensor:
         """Normalised mean MiniLM embedding of each ImageNet class's prompts, cached on disk."""
         from open_clip import IMAGENET_CLASSNAMES
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
+
+        from clipcl.checkpoint import atomic_save_safetensors
 
         key = hashlib.sha256(("|".join(IMAGENET_CLASSNAMES) + "||" + "|".join(IMAGENET_TEMPLATES) + "||"
                               + str((text_directory / "model.safetensors").stat().st_size)).encode()).hexdigest()[:16]
@@ -202,15 +203,7 @@ class StarterBackend(Backend):
                 chunks.append(self._text.pooled(tokens, self.pad_token_id))
         embeddings = torch.cat(chunks).view(len(IMAGENET_CLASSNAMES), len(IMAGENET_TEMPLATES), -1).mean(dim=1)
         embeddings = F.normalize(embeddings, dim=-1).contiguous()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file({"embeddings": embeddings}, temporary)
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+        atomic_save_safetensors({"embeddings": embeddings}, path)
         return embeddings
 
     # --- Backend interface -----------------------------------------------------------------
