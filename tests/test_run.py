@@ -152,3 +152,11 @@ def test_cli_run_report_and_unknown_dataset(tiny_run_config, tiny_config_path, t
     assert main(["run", str(config), "--quiet", "stream.datasets=[no_such_dataset]",
                  f"output_dir={tmp_path / 'x'}"]) == 2
     assert "no_such_dataset" in capsys.readouterr().err
+
+
+def test_bf16_autocast_run_is_finite(tiny_run_config, tmp_path):
+    config = tiny_run_config(FINETUNE, train={"precision": "bf16", "max_steps_per_task": 2},
+                             stream={"datasets": ["synthetic-0", "synthetic-1"]})
+    results = run_experiment(config, show_progress=False)
+    assert all(np.isfinite(row).all() for row in results["accuracy"]["matrix"])
+    assert all(np.isfinite(pair).all() for pair in results["losses_first_last"])
