@@ -53,13 +53,25 @@ def class_text_features(backend: Backend, classes: list[ClassText], ensemble: bo
 
 
 def hash_module(module: nn.Module) -> str:
-    """A digest of every parameter and buffer of ``module``: equal digests mean equal weights."""
+    """A digest of every parameter and buffer of ``module``: equal digests mean equal weights.
+
+    Hashing a large tower costs time, and the evaluator asks once per task per row, so the digest
+    is memoised against each tensor's identity, storage and in-place version counter (every
+    optimizer step or ``copy_`` bumps the version, so a changed weight is never missed).
+    """
+    state = sorted(module.state_dict(keep_vars=True).items())
+    signature = tuple((name, id(tensor), tensor.data_ptr(), tensor._version) for name, tensor in state)
+    memo = module.__dict__.get("_clipcl_digest_memo")
+    if memo is not None and memo[0] == signature:
+        return memo[1]
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in state:
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:24]
+    result = digest.hexdigest()[:24]
+    module.__dict__["_clipcl_digest_memo"] = (signature, result)
+    return result
 
 
 class Strategy(nn.Module):
