@@ -109,7 +109,7 @@ def train_task(
     progress = tqdm(total=total_steps, desc=f"train {task.name}", disable=not (show_progress and runtime.is_main),
                     leave=False, dynamic_ncols=True)
     micro = 0
-    step_loss = torch.zeros(())
+    step_loss = torch.zeros((), device=runtime.device)
     optimizer.zero_grad(set_to_none=True)
     for images, targets in loader:
         images, targets = images.to(runtime.device), targets.to(runtime.device)
@@ -131,8 +131,8 @@ def train_task(
         strategy.after_step(step)
         step += 1
         # The step's loss over all its micro-batches and processes, for logging.
-        last_loss = float(runtime.all_reduce_sum(step_loss.to(runtime.device))) / runtime.world_size
-        step_loss = torch.zeros(())
+        last_loss = float(runtime.all_reduce_sum(step_loss)) / runtime.world_size
+        step_loss = torch.zeros((), device=runtime.device)
         if first_loss is None:
             first_loss = last_loss
         progress.set_postfix(loss=f"{last_loss:.3f}")
