@@ -20,54 +20,39 @@ from PIL import Image
 from clipcl.data.base import ClassificationDataset, DataError
 from clipcl.data.resources import classnames_and_templates, templates_for
 
-# name -> (torchvision class name, folder under root that torchvision uses)
-TORCHVISION_DATASETS: dict[str, tuple[str, str]] = {
-    "cifar10": ("CIFAR10", "cifar-10-batches-py"),
-    "cifar100": ("CIFAR100", "cifar-100-python"),
-    "mnist": ("MNIST", "MNIST"),
-    "dtd": ("DTD", "dtd"),
-    "eurosat": ("EuroSAT", "eurosat"),
-    "flowers102": ("Flowers102", "flowers-102"),
-    "food101": ("Food101", "food-101"),
-    "oxford_pet": ("OxfordIIITPet", "oxford-iiit-pet"),
-    "stanford_cars": ("StanfordCars", "stanford_cars"),
-    "sun397": ("SUN397", "SUN397"),
-    "caltech101": ("Caltech101", "caltech101"),
-    "aircraft": ("FGVCAircraft", "fgvc-aircraft-2013b"),
+# name -> (torchvision class name, folder under root that torchvision uses, how it is split):
+# "flag" means a ``train=True/False`` argument; a pair gives the ``split=`` values for our train and
+# test; None means the dataset has no official split (we make one, see NO_TEST_SPLIT).
+TORCHVISION_DATASETS: dict[str, tuple[str, str, str | tuple[str, str] | None]] = {
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", "flag"),
+    "cifar100": ("CIFAR100", "cifar-100-python", "flag"),
+    "mnist": ("MNIST", "MNIST", "flag"),
+    "dtd": ("DTD", "dtd", ("train", "test")),
+    "eurosat": ("EuroSAT", "eurosat", None),
+    "flowers102": ("Flowers102", "flowers-102", ("train", "test")),
+    "food101": ("Food101", "food-101", ("train", "test")),
+    "oxford_pet": ("OxfordIIITPet", "oxford-iiit-pet", ("trainval", "test")),
+    "stanford_cars": ("StanfordCars", "stanford_cars", ("train", "test")),
+    "sun397": ("SUN397", "SUN397", None),
+    "caltech101": ("Caltech101", "caltech101", None),
+    "aircraft": ("FGVCAircraft", "fgvc-aircraft-2013b", ("trainval", "test")),
 }
 
-NO_TEST_SPLIT = {"caltech101", "sun397", "eurosat"}
+NO_TEST_SPLIT = {name for name, (_, _, split) in TORCHVISION_DATASETS.items() if split is None}
 
 
 def _construct(name: str, split: str, root: str, download: bool) -> Any:
     import torchvision.datasets as tv
 
-    train = split == "train"
-    if name == "cifar10":
-        return tv.CIFAR10(root, train=train, download=download)
-    if name == "cifar100":
-        return tv.CIFAR100(root, train=train, download=download)
-    if name == "mnist":
-        return tv.MNIST(root, train=train, download=download)
-    if name == "dtd":
-        return tv.DTD(root, split="train" if train else "test", download=download)
-    if name == "flowers102":
-        return tv.Flowers102(root, split="train" if train else "test", download=download)
-    if name == "food101":
-        return tv.Food101(root, split="train" if train else "test", download=download)
-    if name == "oxford_pet":
-        return tv.OxfordIIITPet(root, split="trainval" if train else "test", download=download)
-    if name == "stanford_cars":
-        return tv.StanfordCars(root, split="train" if train else "test", download=download)
-    if name == "aircraft":
-        return tv.FGVCAircraft(root, split="trainval" if train else "test", download=download)
+    class_name, _, split_style = TORCHVISION_DATASETS[name]
+    arguments: dict[str, Any] = {"download": download}
+    if split_style == "flag":
+        arguments["train"] = split == "train"
+    elif split_style is not None:
+        arguments["split"] = split_style[0] if split == "train" else split_style[1]
     if name == "caltech101":
-        return tv.Caltech101(root, target_type="category", download=download)
-    if name == "sun397":
-        return tv.SUN397(root, download=download)
-    if name == "eurosat":
-        return tv.EuroSAT(root, download=download)
-    raise DataError(f"unknown torchvision dataset {name!r}")
+        arguments["target_type"] = "category"
+    return getattr(tv, class_name)(root, **arguments)
 
 
 def _labels_of(dataset: Any) -> np.ndarray:
