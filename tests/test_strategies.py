@@ -19,6 +19,11 @@ CASES = [
     ("finetune-image", {"name": "finetune", "train": "image"}, True),
     ("finetune-text", {"name": "finetune", "train": "text"}, True),
     ("wise_ft", {"name": "wise_ft", "train": "all", "alpha": 0.5}, True),
+    ("lwf", {"name": "lwf", "train": "all"}, True),
+    ("vr_lwf", {"name": "vr_lwf", "train": "all", "pseudo_texts": 16}, True),
+    ("vr_lwf-zscl", {"name": "vr_lwf", "variant": "zscl", "train": "all", "pseudo_texts": 32}, True),
+    ("zscl", {"name": "zscl", "train": "all", "reference_dataset": "synthetic-9", "reference_samples": 24,
+              "reference_texts_dataset": "cifar10", "l2_weight": 0.01, "average_every": 2}, True),
 ]
 
 

@@ -26,3 +26,29 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
     student = F.log_softmax(student_logits / temperature, dim=-1)
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+def two_way_distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                            temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distillation of an image-vs-text logit matrix ``[images, texts]`` in both directions.
+
+    Returns ``(image_to_text, text_to_image)``: :func:`distillation_kl` over the rows (each image's
+    distribution over the texts) and over the columns (each text's distribution over the images).
+    This is the pair of terms ZSCL (Zheng et al. 2023) adds for its reference data.
+    """
+    image_to_text = distillation_kl(student_logits, teacher_logits, temperature)
+    text_to_image = distillation_kl(student_logits.t(), teacher_logits.t(), temperature)
+    return image_to_text, text_to_image
+
+
+def l2_drift(parameters: list[torch.Tensor], anchors: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_i ||theta_i - anchor_i||^2``: the squared distance of weights from fixed anchor weights.
+
+    A plain sum over every element (no mean), as in ZSCL's code; the anchors get no gradient.
+    """
+    if len(parameters) != len(anchors):
+        raise ValueError(f"{len(parameters)} parameters but {len(anchors)} anchors")
+    total = torch.zeros((), device=parameters[0].device) if parameters else torch.zeros(())
+    for parameter, anchor in zip(parameters, anchors):
+        total = total + (parameter - anchor.detach()).pow(2).sum()
+    return total

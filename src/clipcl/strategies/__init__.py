@@ -7,13 +7,19 @@ from typing import Any
 
 from clipcl.strategies.base import Strategy, StrategyConfig
 from clipcl.strategies.finetune import Finetune
+from clipcl.strategies.lwf import LwF
+from clipcl.strategies.vr_lwf import VRLwF
 from clipcl.strategies.wise_ft import WiseFT
 from clipcl.strategies.zero_shot import ZeroShot
+from clipcl.strategies.zscl import ZSCL
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "zero_shot": ZeroShot,
     "finetune": Finetune,
     "wise_ft": WiseFT,
+    "lwf": LwF,
+    "vr_lwf": VRLwF,
+    "zscl": ZSCL,
 }
 
 

@@ -1,0 +1,74 @@
+"""Learning without Forgetting (Li & Hoiem, ECCV 2016 / TPAMI 2017) for CLIP.
+
+LwF keeps a frozen copy of the model as it was when the task started (after the previous task; the
+pretrained model for the first task) and adds to the task loss a distillation term that keeps the
+new model's predictions close to the old model's on the *current* task's images. With CLIP the
+"heads" are the class prompts, so the predictions are the image-vs-text logits over the current
+task's class prompts (the same logits the cross-entropy uses)::
+
+    loss = CE(logits, targets) + alpha * T^2 * KL(softmax(teacher_logits / T) || softmax(logits / T))
+
+This is the CLIP form of LwF used as a baseline by Ding et al. (2022) and ZSCL (Zheng et al. 2023).
+Which parameters train is chosen as in ``finetune``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from clipcl.losses import classification_loss, clip_logits, distillation_kl, normalize
+from clipcl.strategies.finetune import Finetune, FinetuneConfig
+from clipcl.strategies.teacher import Teacher
+
+
+@dataclass
+class LwFConfig(FinetuneConfig):
+    alpha: float = 1.0
+    """Weight of the distillation term (Li & Hoiem's loss balance lambda_o = 1)."""
+    temperature: float = 2.0
+    """Softening temperature T (Li & Hoiem use T = 2, after Hinton et al.). The KL is multiplied by
+    T^2 (Hinton et al.; ZSCL's code does the same), which the LwF paper does not do: at T = 2 this
+    term is 4x the paper's for the same alpha."""
+    text_to_image: bool = False
+    """Also distil the transposed logits (each class prompt's distribution over the batch's images),
+    as ZSCL's re-implementation of LwF does (its ``--image_loss --text_loss``). Off in the paper."""
+
+
+class LwF(Finetune):
+    Config = LwFConfig
+
+    def __init__(self, backend, config: LwFConfig) -> None:
+        if config.alpha < 0:
+            raise ValueError(f"strategy.alpha must be >= 0, got {config.alpha}")
+        if config.temperature <= 0:
+            raise ValueError(f"strategy.temperature must be > 0, got {config.temperature}")
+        super().__init__(backend, config)
+        # Not a module attribute: the teacher is rebuilt from the current weights in before_task.
+        self._teacher: Teacher | None = None
+        self._teacher_text: torch.Tensor | None = None
+
+    def before_task(self, task) -> None:
+        super().before_task(task)
+        self._teacher = self._teacher_text = None  # free the old copy before making the new one
+        self._teacher = Teacher(self.backend)
+        self._teacher_text = self._teacher.class_features(task.classes)
+
+    def forward(self, images, targets, task):
+        if self._teacher is None:
+            raise RuntimeError("LwF.forward called before before_task")
+        image_features = normalize(self.backend.encode_image(images))
+        logits = clip_logits(image_features, self.task_text_features(task), self.backend.logit_scale)
+        ce = classification_loss(logits, targets, self.config.label_smoothing)
+        teacher_logits = self._teacher.logits(self._teacher.image_features(images), self._teacher_text)
+        distill = distillation_kl(logits, teacher_logits, self.config.temperature)
+        if self.config.text_to_image:
+            distill = distill + distillation_kl(logits.t(), teacher_logits.t(), self.config.temperature)
+        loss = ce + self.config.alpha * distill
+        return {"loss": loss, "ce": ce.detach(), "distill": distill.detach(),
+                "accuracy": (logits.argmax(dim=-1) == targets).float().mean().detach()}
+
+    def after_task(self, task) -> None:
+        super().after_task(task)
+        self._teacher = self._teacher_text = None

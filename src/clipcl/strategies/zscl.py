@@ -1,0 +1,236 @@
+"""ZSCL (Zheng et al., ICCV 2023, "Preventing Zero-Shot Transfer Degradation in Continual Learning of
+Vision-Language Models"; code: Thunderbeee/ZSCL).
+
+Two protections of the pretrained model's zero-shot ability, on top of the fine-tuning loss:
+
+- **Feature space**: distillation from the frozen *zero-shot* model on a reference set that is
+  neither the task's data nor labelled: reference images from another dataset and reference texts
+  (here the class prompts of another dataset). The image-vs-text logits of the reference batch are
+  distilled over the rows (image -> text) and over the columns (text -> image), T = 2.
+- **Parameter space**: weight averaging during training. Every ``average_every`` optimizer steps
+  the current weights are folded into a running average, which starts from the weights at the
+  start of the task; after the task the average replaces the weights (and the next task starts
+  from it). ZSCL's script also adds an L2 penalty to the weights at the start of the task.
+
+    loss = CE(current classes) + w * (KL_T(image -> text) + KL_T(text -> image)) + l2_weight * ||theta - theta_0||^2
+
+Defaults follow the official MTIL script (``scripts/ZSCL.sh``: ``--image_loss --text_loss --we
+--avg_freq 100 --l2 1``, ``--T`` 2); where the paper or the code differ, the field says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from clipcl.data.base import DataError
+from clipcl.losses import classification_loss, clip_logits, l2_drift, normalize, two_way_distillation_kl
+from clipcl.strategies.finetune import Finetune, FinetuneConfig
+from clipcl.strategies.teacher import Teacher
+
+PREPROCESSING = ("train", "eval")
+
+
+@dataclass
+class ZSCLConfig(FinetuneConfig):
+    reference_dataset: str = "skimage_photos"
+    """Registry name of the reference images (its train split). Must not be a task of the stream.
+    ZSCL uses ImageNet, which clipcl cannot load offline; skimage_photos (17 everyday photos) is
+    the offline stand-in. Any ``load_dataset`` name works (e.g. ``imagefolder:/path``)."""
+    reference_samples: int | None = None
+    """Keep at most this many reference images (a fixed, seeded subset); None keeps all."""
+    reference_batch_size: int | None = None
+    """Reference images per step; None uses the training batch's size, as ZSCL's code does."""
+    reference_preprocess: str = "train"
+    """``train`` (the backend's training transform) or ``eval``; ZSCL's code uses the evaluation
+    transform for its reference images."""
+    reference_texts_dataset: str = "cifar100"
+    """Dataset whose class prompts (first template) are the reference texts: a name with class
+    names in clipcl's resources, else any registry name. ZSCL's script uses Conceptual Captions
+    sentences (not available offline); the paper also reports dataset class names as texts."""
+    temperature: float = 2.0
+    """Distillation temperature T (ZSCL's ``--T`` default 2); the KL is multiplied by T^2, as in ZSCL's
+    ``distillation`` (a soft cross-entropy; the KL differs from it by the teacher's entropy only)."""
+    distill_weight: float = 1.0
+    """Weight of each distillation direction (1 in ZSCL's code unless ``--weight_adjust``: 0.5)."""
+    text_to_image: bool = True
+    """Also distil the text -> image direction (ZSCL's ``--text_loss``)."""
+    distill_text_tower: bool = False
+    """Encode the reference texts with the student's own text tower, so the distillation also trains
+    the text tower. ZSCL's code encodes them with the frozen zero-shot model on both sides (False),
+    so the distillation trains the image tower only."""
+    l2_weight: float = 1.0
+    """Weight of the squared distance (a sum over all trained weights) to the weights at the start
+    of the task (ZSCL's script: ``--l2 1``). 0 turns it off."""
+    weight_average: bool = True
+    """Average the weights during training and keep the average after the task (ZSCL's ``--we``)."""
+    average_every: int = 100
+    """Fold the weights into the running average every this many steps (ZSCL's ``--avg_freq 100``)."""
+
+
+def dataset_of(task) -> str:
+    """The registry name of a task's dataset (its training split's name)."""
+    name = getattr(task.train, "name", "") or task.name
+    return name.split("[", 1)[0]
+
+
+def reference_prompts(name: str) -> list[str]:
+    """The first-template prompt of every class of dataset ``name``."""
+    from clipcl.data.resources import classnames_and_templates
+
+    try:
+        classnames, templates = classnames_and_templates(name)
+    except KeyError:
+        from clipcl.data.registry import load_dataset
+
+        dataset = load_dataset(name, "train")
+        classnames, templates = dataset.classnames, dataset.templates
+    if not classnames or not templates:
+        raise DataError(f"strategy.reference_texts_dataset: {name} has no class names or templates")
+    return [templates[0].format(classname) for classname in classnames]
+
+
+class ZSCL(Finetune):
+    Config = ZSCLConfig
+
+    def __init__(self, backend, config: ZSCLConfig) -> None:
+        if config.reference_preprocess not in PREPROCESSING:
+            raise ValueError(f"strategy.reference_preprocess must be one of {', '.join(PREPROCESSING)}, "
+                             f"got {config.reference_preprocess!r}")
+        if config.temperature <= 0:
+            raise ValueError(f"strategy.temperature must be > 0, got {config.temperature}")
+        for name in ("distill_weight", "l2_weight"):
+            if getattr(config, name) < 0:
+                raise ValueError(f"strategy.{name} must be >= 0, got {getattr(config, name)}")
+        if config.average_every < 1:
+            raise ValueError(f"strategy.average_every must be >= 1, got {config.average_every}")
+        for name in ("reference_samples", "reference_batch_size"):
+            value = getattr(config, name)
+            if value is not None and value < 1:
+                raise ValueError(f"strategy.{name} must be >= 1 (or null), got {value}")
+        super().__init__(backend, config)
+        # The zero-shot teacher: copied now, before any training or checkpoint loading.
+        self._zero_shot = Teacher(backend)
+        self._reference = None  # the reference image dataset, loaded at the first before_task
+        self._reference_indices: torch.Tensor | None = None
+        self._reference_tokens: torch.Tensor | None = None
+        self._teacher_text: torch.Tensor | None = None
+        self._frozen_student_text: torch.Tensor | None = None
+        self._generator: torch.Generator | None = None
+        self._anchors: dict[str, torch.Tensor] = {}
+        self._average: dict[str, torch.Tensor] = {}
+        self._averaged = 0
+
+    # --- reference data -------------------------------------------------------------------------
+    def _load_reference(self) -> None:
+        from clipcl.data.registry import load_dataset
+
+        config = self.config
+        dataset = load_dataset(config.reference_dataset, "train")
+        if len(dataset) == 0:
+            raise DataError(f"strategy.reference_dataset: {config.reference_dataset} has no images")
+        indices = torch.arange(len(dataset))
+        if config.reference_samples is not None and config.reference_samples < len(dataset):
+            chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+            indices = chosen[: config.reference_samples].sort().values
+        self._reference, self._reference_indices = dataset, indices
+        self._reference_tokens = self.backend.tokenize(reference_prompts(config.reference_texts_dataset))
+
+    def reference_images(self, count: int) -> torch.Tensor:
+        """Draw ``count`` preprocessed reference images with the task's seeded generator."""
+        if self._generator is None or self._reference is None:
+            raise RuntimeError("ZSCL.reference_images called before before_task")
+        available = len(self._reference_indices)
+        if count <= available:
+            picks = torch.randperm(available, generator=self._generator)[:count]
+        else:
+            picks = torch.randint(0, available, (count,), generator=self._generator)
+        transform = self.backend.train_preprocess if self.config.reference_preprocess == "train" \
+            else self.backend.preprocess
+        augmentation_seed = int(torch.randint(0, 2**62, (1,), generator=self._generator).item())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(augmentation_seed)  # random crops depend only on the generator
+            images = [transform(self._reference[int(self._reference_indices[pick])][0]) for pick in picks]
+        return torch.stack(images).to(self.backend.device)
+
+    def reference_text_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student, teacher) normalised features of the reference texts."""
+        teacher = self._teacher_text
+        if not self.config.distill_text_tower:
+            return teacher, teacher
+        if self._frozen_student_text is not None:
+            return self._frozen_student_text, teacher
+        return normalize(self.backend.encode_text(self._reference_tokens.to(self.backend.device))), teacher
+
+    # --- task boundaries ------------------------------------------------------------------------
+    def _trained(self) -> dict[str, torch.nn.Parameter]:
+        return {name: parameter for name, parameter in self.backend.named_parameters() if parameter.requires_grad}
+
+    def before_task(self, task) -> None:
+        config = self.config
+        if dataset_of(task) == config.reference_dataset:
+            raise DataError(f"strategy.reference_dataset {config.reference_dataset!r} is also a task of the "
+                            "stream; ZSCL's reference images must come from outside the stream")
+        super().before_task(task)
+        if self._reference is None:
+            self._load_reference()
+        device = self.backend.device
+        self._zero_shot.to(device)
+        self._teacher_text = self._zero_shot.token_features(self._reference_tokens)
+        self._frozen_student_text = None
+        if config.distill_text_tower and not self.text_trains:
+            with torch.no_grad():
+                self._frozen_student_text = normalize(self.backend.encode_text(self._reference_tokens.to(device)))
+        # Seeded from the global generator, which the run seeds per task (same draws on resume).
+        self._generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        trained = self._trained()
+        self._anchors = ({name: parameter.detach().clone() for name, parameter in trained.items()}
+                         if config.l2_weight > 0 else {})
+        self._average = ({name: parameter.detach().clone() for name, parameter in trained.items()}
+                         if config.weight_average else {})
+        self._averaged = 1  # the running average starts as the weights at the start of the task
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        if not self._average or step % self.config.average_every:
+            return
+        count = self._averaged
+        for name, parameter in self._trained().items():
+            average = self._average[name]
+            average.mul_(count / (count + 1)).add_(parameter.detach(), alpha=1.0 / (count + 1))
+        self._averaged = count + 1
+
+    @torch.no_grad()
+    def after_task(self, task) -> None:
+        super().after_task(task)
+        if self._average:
+            for name, parameter in self._trained().items():
+                parameter.copy_(self._average[name])
+        self._average, self._anchors, self._averaged = {}, {}, 0
+        self._teacher_text = self._frozen_student_text = self._generator = None
+
+    # --- the loss -------------------------------------------------------------------------------
+    def forward(self, images, targets, task):
+        if self._generator is None:
+            raise RuntimeError("ZSCL.forward called before before_task")
+        config = self.config
+        scale = self.backend.logit_scale
+        logits = clip_logits(self.backend.encode_image(images), self.task_text_features(task), scale)
+        ce = classification_loss(logits, targets, config.label_smoothing)
+
+        reference = self.reference_images(config.reference_batch_size or len(images))
+        student_text, teacher_text = self.reference_text_features()
+        student_logits = clip_logits(normalize(self.backend.encode_image(reference)), student_text, scale)
+        teacher_logits = self._zero_shot.logits(self._zero_shot.image_features(reference), teacher_text)
+        image_to_text, text_to_image = two_way_distillation_kl(student_logits, teacher_logits, config.temperature)
+        distill = image_to_text + text_to_image if config.text_to_image else image_to_text
+        loss = ce + config.distill_weight * distill
+        outputs = {"ce": ce.detach(), "distill": distill.detach()}
+        if self._anchors:
+            trained = self._trained()
+            drift = l2_drift(list(trained.values()), [self._anchors[name] for name in trained])
+            loss = loss + config.l2_weight * drift
+            outputs["l2"] = drift.detach()
+        outputs["accuracy"] = (logits.argmax(dim=-1) == targets).float().mean().detach()
+        return {"loss": loss, **outputs}
