@@ -89,3 +89,28 @@ def test_cli_metrics_rejects_bad_input(tmp_path, capsys):
     ragged = tmp_path / "ragged.csv"
     ragged.write_text("1,2\n3\n")
     assert main(["metrics", str(ragged)]) == 2
+
+
+def test_dont_stop_learning_metrics_on_a_hand_computed_matrix():
+    sizes = [10, 30, 60]
+    # UT after each phase (size-weighted over the phases seen): 80, 85, 88.5 (as above)
+    values = metrics.dont_stop_learning(MATRIX, sizes, heldout_zero_shot=[50.0, 30.0], heldout_last=[40.0, 20.0])
+    assert metrics.updated_task_accuracies(MATRIX, sizes) == pytest.approx([80.0, 85.0, 88.5])
+    assert values["ut_acc"] == pytest.approx((80 + 85 + 88.5) / 3)
+    assert values["ut_last"] == pytest.approx(88.5)
+    assert values["zs_acc"] == pytest.approx(30.0) and values["zs_acc_zero_shot"] == pytest.approx(40.0)
+    assert values["a_acc"] == pytest.approx(((80 + 85 + 88.5) / 3 + 30.0) / 2)
+    # one session: UT is the single entry; no held-out sets: no ZS-Acc and no A-Acc
+    assert metrics.dont_stop_learning([[72.0]], [100], [], []) == {"ut_acc": 72.0, "ut_last": 72.0}
+
+
+def test_retrieval_change_averages_sets_and_directions():
+    before = {"a": {"image_to_text_R@1": 50.0, "text_to_image_R@1": 40.0},
+              "b": {"image_to_text_R@1": 30.0, "text_to_image_R@1": 20.0}}
+    after = {"a": {"image_to_text_R@1": 45.0, "text_to_image_R@1": 40.0},
+             "b": {"image_to_text_R@1": 15.0, "text_to_image_R@1": 30.0}}
+    change = metrics.retrieval_change(before, after)
+    assert change["i2t_r1_zero_shot"] == pytest.approx(40.0) and change["i2t_r1_last"] == pytest.approx(30.0)
+    assert change["i2t_r1_change"] == pytest.approx(-10.0)
+    assert change["t2i_r1_change"] == pytest.approx(5.0)
+    assert metrics.retrieval_change({}, {}) == {}

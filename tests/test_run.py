@@ -160,3 +160,44 @@ def test_bf16_autocast_run_is_finite(tiny_run_config, tmp_path):
     results = run_experiment(config, show_progress=False)
     assert all(np.isfinite(row).all() for row in results["accuracy"]["matrix"])
     assert all(np.isfinite(pair).all() for pair in results["losses_first_last"])
+
+
+def test_dont_stop_learning_protocol_in_a_run(tiny_run_config, tmp_path):
+    # Multi-session class-incremental run with held-out data and a templated retrieval set: results
+    # carry UT/ZS/A-Acc and retrieval before and after every phase, and survive a resume unchanged.
+    sections = {"stream": {"protocol": "class_incremental", "datasets": ["synthetic-0"], "num_tasks": 2,
+                           "heldout": ["synthetic-5"], "test_samples_per_task": 24},
+                "eval": {"retrieval": ["synthetic-7"], "retrieval_images": 12}}
+    full = run_experiment(tiny_run_config(FINETUNE, output_dir=str(tmp_path / "full"), **sections),
+                          show_progress=False)
+    retrieval = full["retrieval"]
+    assert retrieval["sets"] == ["synthetic-7-templated"] and len(retrieval["after_each_task"]) == 2
+    for row in [retrieval["zero_shot"], *retrieval["after_each_task"]]:
+        assert set(row["synthetic-7-templated"]) == {f"{d}_R@{k}" for d in ("image_to_text", "text_to_image")
+                                                     for k in (1, 5, 10)}
+    final = retrieval["after_each_task"][-1]["synthetic-7-templated"]["image_to_text_R@1"]
+    start = retrieval["zero_shot"]["synthetic-7-templated"]["image_to_text_R@1"]
+    assert full["metrics"]["i2t_r1_change"] == pytest.approx(final - start)
+    matrix, sizes = full["accuracy"]["matrix"], full["task_test_sizes"]
+    after_second = (matrix[1][0] * sizes[0] + matrix[1][1] * sizes[1]) / (sizes[0] + sizes[1])
+    assert full["metrics"]["ut_acc"] == pytest.approx((matrix[0][0] + after_second) / 2)
+    assert full["metrics"]["zs_acc"] == pytest.approx(full["heldout"]["after_each_task"][-1][0])
+
+    config = tiny_run_config(FINETUNE, output_dir=str(tmp_path / "resumed"), **sections)
+    assert run_experiment(config, show_progress=False, stop_after_task=0)["interrupted"]
+    resumed = run_experiment(config, show_progress=False)
+    assert resumed["retrieval"] == retrieval and resumed["metrics"] == full["metrics"]
+
+
+def test_shipped_configs_load_by_name():
+    from clipcl.config import load_config, shipped_configs
+
+    names = set(shipped_configs())
+    assert {"vr_lwf", "vr_lwf_zscl", "lwf", "zscl", "demo_multi_domain"} <= names
+    for name in names:
+        config = load_config(name)
+        assert config.model.backend == "starter"
+    assert load_config("vr_lwf", ["stream.num_tasks=5"]).stream.num_tasks == 5
+    assert load_config("vr_lwf_zscl").strategy["variant"] == "zscl"
+    with pytest.raises(ConfigError, match="shipped configs: .*vr_lwf"):
+        load_config("no_such_config")

@@ -61,6 +61,12 @@ def command_list(args: argparse.Namespace) -> int:
     for name, cls in STRATEGIES.items():
         doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
         print(f"  {name:<14} {doc[0] if doc else ''}")
+    from clipcl.config import shipped_configs
+
+    print("shipped configs (clipcl run NAME):")
+    for name, path in shipped_configs().items():
+        first = path.read_text().splitlines()[0].lstrip("# ").strip()
+        print(f"  {name:<24} {first}")
     print("protocols (stream.protocol):")
     for name in PROTOCOLS:
         print(f"  {name}")
@@ -178,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run (or resume) a continual-learning run from a YAML config")
-    run.add_argument("config", help="YAML run config")
+    run.add_argument("config", help="YAML run config, or the name of a shipped one (clipcl list)")
     run.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-4")
     run.add_argument("--restart", action="store_true", help="discard an earlier run in the same output_dir")
     run.add_argument("--quiet", action="store_true", help="no progress bars")

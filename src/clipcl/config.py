@@ -41,7 +41,7 @@ class StreamConfig:
 
     protocol: str = "multi_domain"
     """``class_incremental``, ``multi_domain`` (MTIL, task id known) or ``xtail`` (no domain id)."""
-    datasets: list[str] = field(default_factory=lambda: ["fashion_mnist", "mnist", "digits"])
+    datasets: list[str] = field(default_factory=lambda: ["fashion_mnist", "mnist_5k", "digits"])
     """Datasets in training order (class_incremental uses the first one), or an order name
     such as ``mtil_order_1``."""
     num_tasks: int = 5
@@ -106,6 +106,13 @@ class EvalConfig:
     ``""``: memory only)."""
     zero_shot_row: bool = True
     """Evaluate every task before training (the zero-shot row)."""
+    retrieval: list[str] = field(default_factory=list)
+    """Captioned sets for image-text retrieval R@1/5/10, measured before training and after each task:
+    a caption file (``.json`` Karpathy/COCO/Flickr30k, ``.csv``, ``.tsv`` or ``.jsonl``; images relative to
+    it) or a dataset name, whose test images get captions written from their labels with the dataset's
+    templates (templated, not real, captions; see docs/metrics.md)."""
+    retrieval_images: int | None = 500
+    """At most this many images per templated retrieval set (class-balanced, fixed seed); None: all."""
 
 
 @dataclass
@@ -236,13 +243,26 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The run configs that ship inside clipcl (``clipcl/configs/*.yaml``), by name without ``.yaml``."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("clipcl") / "configs"))
+    return {path.stem: path for path in sorted(folder.glob("*.yaml"))}
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config (or start from defaults), apply overrides, validate everything."""
+    """Read a YAML run config (or start from defaults), apply overrides, validate everything.
+
+    ``path`` may also be the name of a shipped config (``vr_lwf``, ``zscl``...; see :func:`shipped_configs`).
+    """
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if not path.exists() and path.suffix == "" and path.name in shipped_configs():
+            path = shipped_configs()[path.name]
         if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} does not exist (shipped configs: {', '.join(shipped_configs())})")
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as error:

@@ -23,6 +23,10 @@ COMPARISON_COLUMNS = [
     ("heldout_zero_shot", "Held-out ZS"),
     ("heldout_last", "Held-out last"),
     ("heldout_retention", "Held-out retention"),
+    ("ut_acc", "UT-Acc"),
+    ("a_acc", "A-Acc"),
+    ("i2t_r1_change", "I→T R@1 Δ"),
+    ("t2i_r1_change", "T→I R@1 Δ"),
 ]
 
 

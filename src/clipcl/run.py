@@ -36,6 +36,7 @@ from clipcl.config import RunConfig, config_fingerprint, to_dict
 from clipcl.eval import metrics as metrics_module
 from clipcl.eval.cache import FeatureCache, default_cache_dir
 from clipcl.eval.evaluator import evaluate_row
+from clipcl.eval.retrieval import evaluate_retrieval, load_captioned
 from clipcl.train.loop import train_task
 from clipcl.train.runtime import DistributedRuntime, Runtime, free_port, pick_device, rendezvous_environment
 
@@ -187,11 +188,15 @@ def _run(config: RunConfig, runtime: Runtime, *, restart: bool, show_progress: b
                   file=sys.stderr)
 
     batch_size = config.eval.batch_size
+    retrieval_sets = [load_captioned(spec, config.eval.retrieval_images, config.stream.data_root)
+                      for spec in config.eval.retrieval]
     if "zero_shot_row" not in progress:
         row, heldout, seconds = evaluate_row(strategy, stream, -1, runtime, batch_size, cache, show_progress)
+        retrieval = retrieval_row(strategy, retrieval_sets, batch_size)
         progress.update(config_digest=fingerprint_digest(fingerprint), completed_tasks=-1, zero_shot_row=row,
                         zero_shot_heldout=heldout, zero_shot_eval_seconds=seconds, rows=[], heldout_rows=[],
-                        train_seconds=[], eval_seconds=[], train_steps=[], train_examples=[], losses=[])
+                        train_seconds=[], eval_seconds=[], train_steps=[], train_examples=[], losses=[],
+                        zero_shot_retrieval=retrieval, retrieval_rows=[])
         if runtime.is_main:
             atomic_write_json(directory.progress, progress)
 
@@ -205,6 +210,7 @@ def _run(config: RunConfig, runtime: Runtime, *, restart: bool, show_progress: b
                                                   show_progress)
         progress["rows"].append(row)
         progress["heldout_rows"].append(heldout)
+        progress["retrieval_rows"].append(retrieval_row(strategy, retrieval_sets, batch_size))
         progress["train_seconds"].append(stats.seconds)
         progress["eval_seconds"].append(eval_seconds)
         progress["train_steps"].append(stats.steps)
@@ -232,6 +238,12 @@ def _run(config: RunConfig, runtime: Runtime, *, restart: bool, show_progress: b
     return results
 
 
+def retrieval_row(strategy, sets, batch_size: int) -> dict[str, dict[str, float]]:
+    """R@1/5/10 both ways on every retrieval set, by set name. Every process computes it in full
+    (the sets are small), so all processes agree without communicating."""
+    return {captioned.name: evaluate_retrieval(strategy, captioned, batch_size) for captioned in sets}
+
+
 def build_results(config: RunConfig, stream, strategy, progress: dict[str, Any]) -> dict[str, Any]:
     """The results.json content: matrix with labels, metrics, timings, parameter counts, versions."""
     task_names = [task.name for task in stream.tasks]
@@ -245,6 +257,12 @@ def build_results(config: RunConfig, stream, strategy, progress: dict[str, Any])
         metrics["heldout_last"] = float(np.mean(final))
         metrics["heldout_retention"] = metrics_module.retention(progress["zero_shot_heldout"], final)
     metrics["zero_shot_avg"] = float(np.mean(progress["zero_shot_row"]))
+    metrics.update(metrics_module.dont_stop_learning(matrix, task_sizes, progress["zero_shot_heldout"],
+                                                     progress["heldout_rows"][-1]))
+    retrieval_before = progress.get("zero_shot_retrieval", {})
+    retrieval_rows = progress.get("retrieval_rows", [])
+    if retrieval_before and retrieval_rows:
+        metrics.update(metrics_module.retrieval_change(retrieval_before, retrieval_rows[-1]))
     return {
         "name": config.label,
         "strategy": config.strategy.get("name"),
@@ -264,6 +282,12 @@ def build_results(config: RunConfig, stream, strategy, progress: dict[str, Any])
             "datasets": heldout_names,
             "zero_shot": progress["zero_shot_heldout"],
             "after_each_task": progress["heldout_rows"],
+        },
+        "retrieval": {
+            "sets": list(progress.get("zero_shot_retrieval", {})),
+            "zero_shot": progress.get("zero_shot_retrieval", {}),
+            "after_each_task": progress.get("retrieval_rows", []),
+            "unit": "percent",
         },
         "metrics": metrics,
         "timing": {

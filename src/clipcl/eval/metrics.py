@@ -90,6 +90,61 @@ def retention(zero_shot: Sequence[float], after: Sequence[float]) -> float:
     return float(np.nanmean(ratios)) if np.any(np.isfinite(ratios)) else float("nan")
 
 
+def updated_task_accuracies(matrix, task_sizes: Sequence[int] | None = None) -> list[float]:
+    """UT_t of "Don't Stop Learning" (Ding et al. 2022): after each phase t, the accuracy over the test
+    images of every phase seen so far (size-weighted mean of ``matrix[t, :t+1]``). In a
+    class-incremental stream each of those entries is already scored over all classes seen so far,
+    so UT_t is the accuracy on the updated task's seen classes."""
+    array = as_matrix(matrix)
+    size = array.shape[0]
+    weights = np.ones(size) if task_sizes is None else np.asarray(task_sizes, dtype=np.float64)
+    if len(weights) != size:
+        raise ValueError(f"task_sizes has {len(weights)} entries for a {size}-task matrix")
+    return [float(np.average(array[t, : t + 1], weights=weights[: t + 1])) for t in range(size)]
+
+
+def dont_stop_learning(matrix, task_sizes: Sequence[int] | None, heldout_zero_shot: Sequence[float],
+                       heldout_last: Sequence[float]) -> dict[str, float]:
+    """The metrics of Ding et al. (2022), from the accuracy matrix and the held-out accuracies.
+
+    - ``ut_acc``: mean over phases of UT_t (:func:`updated_task_accuracies`); with one phase
+      (one-session) it is simply the accuracy after training. ``ut_last``: UT after the last phase.
+    - ``zs_acc``: mean accuracy on the held-out datasets (never trained on) after the last phase;
+      ``zs_acc_zero_shot``: the same before any training.
+    - ``a_acc``: (ut_acc + zs_acc) / 2.
+    - ``bwt`` is :func:`backward_transfer` of the matrix (NaN with one phase).
+    Without held-out datasets there is no ZS-Acc, and only the UT entries are returned.
+    """
+    per_phase = updated_task_accuracies(matrix, task_sizes)
+    ut_acc = float(np.mean(per_phase))
+    results = {"ut_acc": ut_acc, "ut_last": per_phase[-1]}
+    if len(heldout_last):
+        final = float(np.mean(heldout_last))
+        results.update(zs_acc=final, zs_acc_zero_shot=float(np.mean(heldout_zero_shot)), a_acc=(ut_acc + final) / 2.0)
+    return results
+
+
+def retrieval_change(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
+                     ks: Sequence[int] = (1,)) -> dict[str, float]:
+    """Retrieval forgetting: final R@K minus zero-shot R@K, both directions, averaged over the sets.
+
+    Keys ``i2t_r1_zero_shot``, ``i2t_r1_last``, ``i2t_r1_change`` and the same for ``t2i``.
+    """
+    results: dict[str, float] = {}
+    names = [name for name in before if name in after]
+    if not names:
+        return results
+    for direction, short in (("image_to_text", "i2t"), ("text_to_image", "t2i")):
+        for k in ks:
+            key = f"{direction}_R@{k}"
+            start = float(np.mean([before[name][key] for name in names]))
+            end = float(np.mean([after[name][key] for name in names]))
+            results[f"{short}_r{k}_zero_shot"] = start
+            results[f"{short}_r{k}_last"] = end
+            results[f"{short}_r{k}_change"] = end - start
+    return results
+
+
 def all_metrics(matrix, task_sizes: Sequence[int] | None = None, class_incremental: bool = False) -> dict[str, float]:
     """Every matrix metric in one dict (keys: transfer, avg, last, bwt, forgetting[, avg_incremental])."""
     metrics = {

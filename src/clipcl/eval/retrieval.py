@@ -106,4 +106,31 @@ def evaluate_retrieval(strategy, captioned: CaptionedImages, batch_size: int = 1
     return recall_at_k(similarity, captioned.caption_image, ks)
 
 
-__all__ = ["CaptionedImages", "evaluate_retrieval", "from_caption_dataset", "recall_at_k", "templated_captions"]
+CAPTION_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
+RETRIEVAL_SEED = 4321  # which images a templated set keeps; fixed, so every run measures the same set
+
+
+def load_captioned(spec: str, images: int | None = None, root: str | None = None) -> CaptionedImages:
+    """A retrieval set from ``eval.retrieval``: a caption file, or a dataset name to template.
+
+    A caption file (``.json`` / ``.jsonl`` / ``.csv`` / ``.tsv``) is read with
+    :class:`~clipcl.data.folders.CaptionDataset`, all of it. A dataset name loads that dataset's test
+    split and writes one caption per template for at most ``images`` class-balanced images.
+    """
+    from clipcl.data.base import DataError
+
+    if spec.lower().endswith(CAPTION_SUFFIXES):
+        from clipcl.data.folders import CaptionDataset
+
+        return from_caption_dataset(CaptionDataset(spec), name=spec)
+    from clipcl.data.registry import load_dataset
+
+    try:
+        dataset = load_dataset(spec, "test", root)
+    except DataError as error:
+        raise DataError(f"eval.retrieval: {error}") from None
+    return templated_captions(dataset, images if images is not None else len(dataset), seed=RETRIEVAL_SEED)
+
+
+__all__ = ["CaptionedImages", "evaluate_retrieval", "from_caption_dataset", "load_captioned", "recall_at_k",
+           "templated_captions"]
