@@ -51,8 +51,12 @@ def unit(features):
     return features / features.norm(dim=-1, keepdim=True)
 
 
-def cross_entropy(logits, targets):
-    return -torch.log_softmax(logits, dim=1)[torch.arange(len(targets)), targets].mean()
+def cross_entropy(logits, targets, smoothing=0.0):
+    """With label smoothing eps the target is (1 - eps) on the label plus eps spread evenly over all classes."""
+    log_probabilities = torch.log_softmax(logits, dim=1)
+    picked = -log_probabilities[torch.arange(len(targets)), targets]
+    uniform = -log_probabilities.mean(dim=1)
+    return ((1 - smoothing) * picked + smoothing * uniform).mean()
 
 
 def kl_teacher_student(student_logits, teacher_logits, temperature):
@@ -154,7 +158,7 @@ def test_zscl_loss_matches_independent_computation(stream, distill_text_tower):
         texts = backend.tokenize([templates[0].format(name) for name in classnames])
         student_scale, teacher_scale = backend.logit_scale.exp(), zero_shot.logit_scale.exp()
         current = unit(backend.encode_text(first_prompts(backend, task.classes)))
-        ce = cross_entropy(student_scale * unit(backend.encode_image(images)) @ current.t(), targets)
+        ce = cross_entropy(student_scale * unit(backend.encode_image(images)) @ current.t(), targets, smoothing=0.2)
         teacher_texts = unit(zero_shot.encode_text(texts))
         student_texts = unit(backend.encode_text(texts)) if distill_text_tower else teacher_texts
         student = student_scale * unit(backend.encode_image(reference)) @ student_texts.t()
@@ -165,6 +169,7 @@ def test_zscl_loss_matches_independent_computation(stream, distill_text_tower):
 
     assert distill > 1e-3 and l2 > 1e-3
     assert reference.shape == images.shape
+    assert abs(outputs["ce"].item() - ce.item()) < TOLERANCE  # ZSCL's label smoothing 0.2 is the default
     assert abs(outputs["distill"].item() - distill.item()) < TOLERANCE
     assert abs(outputs["l2"].item() - l2.item()) < TOLERANCE
     assert abs(outputs["loss"].item() - expected.item()) < TOLERANCE
@@ -247,3 +252,18 @@ def test_resume_gives_the_same_results(section, tiny_run_config, tmp_path):
     assert run_experiment(config, show_progress=False, stop_after_task=0)["interrupted"]
     resumed = run_experiment(config, show_progress=False)
     assert resumed["accuracy"]["matrix"] == full["accuracy"]["matrix"]
+
+
+def test_zscl_reference_cache_changes_nothing(stream):
+    task = stream.tasks[0]
+    batches = []
+    for cache_mb in (0, 64):
+        torch.manual_seed(0)
+        strategy = ZSCL(tiny_open_clip_backend(seed=0),
+                        ZSCLConfig(name="zscl", reference_dataset="synthetic-9", reference_samples=12,
+                                   reference_texts_dataset="cifar10", reference_cache_mb=cache_mb))
+        strategy.before_task(task)
+        batches.append([strategy.reference_images(8) for _ in range(3)])  # 24 draws from 12 images
+        assert bool(strategy._reference_cache) == (cache_mb > 0)
+    for cached, uncached in zip(*batches):
+        assert torch.equal(cached, uncached)

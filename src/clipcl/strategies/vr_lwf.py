@@ -53,6 +53,11 @@ VARIANTS: dict[str, dict[str, object]] = {
 
 @dataclass
 class VRLwFConfig(FinetuneConfig):
+    """Ding et al.'s optimiser settings (``main.py``): Adam, lr 1e-6, batch 100, 15 epochs, the lr cut by
+    10x after 10 epochs, no label smoothing (the ``label_smoothing`` default, 0). They belong in the
+    ``train`` section; configs/vr_lwf.yaml has the closest clipcl equivalent (AdamW with weight decay
+    0 is Adam)."""
+
     variant: str = "ding2022"
     """``ding2022`` (the paper's method) or ``zscl`` (ZSCL's re-implementation, "LwF-VR")."""
     alpha: float | None = None
