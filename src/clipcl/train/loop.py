@@ -98,6 +98,7 @@ def train_task(
         total_steps = min(total_steps, config.max_steps_per_task)
     total_steps = max(total_steps, 1)
 
+    runtime.start_task()
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, total_steps, config.warmup_steps)

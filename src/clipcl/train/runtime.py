@@ -46,6 +46,13 @@ class Runtime:
         self.precision = precision
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
+    def start_task(self) -> None:
+        """Fresh per-task state. The fp16 loss scaler starts over at every task, like the optimizer:
+        it is not checkpointed, so carrying its scale across tasks would make a resumed run differ
+        from an uninterrupted one (seen on an H100, benchmarks/cuda_check.py)."""
+        if self.precision == "fp16":
+            self.scaler = torch.amp.GradScaler("cuda")
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
