@@ -40,16 +40,18 @@ class StreamConfig:
     """Which protocol and data."""
 
     protocol: str = "multi_domain"
-    """``class_incremental``, ``multi_domain`` (MTIL, task id known) or ``xtail`` (no domain id)."""
+    """``class_incremental``, ``multi_domain`` (MTIL, task id known), ``xtail`` (no domain id) or
+    ``si_blurry`` (one online stream with stochastic blurry task boundaries; see clipcl.online)."""
     datasets: list[str] = field(default_factory=lambda: ["fashion_mnist", "mnist_5k", "digits"])
     """Datasets in training order (class_incremental uses the first one), or an order name
     such as ``mtil_order_1``."""
     num_tasks: int = 5
-    """Class-incremental only: how many tasks the classes are split into."""
+    """Class-incremental: how many tasks the classes are split into. si_blurry: how many hidden tasks."""
     class_order_seed: int | None = None
     """Class-incremental only: seed of the class order (default: the run seed)."""
     train_samples_per_task: int | None = None
-    """Cap on training images per task (seeded, class-balanced subset); None keeps all."""
+    """Cap on training images per task (seeded, class-balanced subset); None keeps all. si_blurry: per
+    dataset of the stream."""
     test_samples_per_task: int | None = None
     """Cap on test images per task (seeded, class-balanced subset); None keeps all."""
     heldout: list[str] = field(default_factory=list)
@@ -60,6 +62,10 @@ class StreamConfig:
     """Where datasets live (torchvision layout). Default: ``$CLIPCL_DATA`` or ``~/.cache/clipcl/data``."""
     download: bool = False
     """Download missing torchvision datasets (needs internet)."""
+    disjoint_class_ratio: float = 0.5
+    """si_blurry: N, the share of classes that are disjoint (all their samples in one hidden task)."""
+    blurry_sample_ratio: float = 0.1
+    """si_blurry: M, the share of the blurry classes' samples that arrive in other hidden tasks."""
 
 
 @dataclass
@@ -91,6 +97,9 @@ class TrainConfig:
     """DataLoader worker processes."""
     max_grad_norm: float | None = 1.0
     """Clip gradients to this norm (None: no clipping)."""
+    online_iter: int = 1
+    """si_blurry: optimiser steps on each incoming batch (Si-Blurry's ``online_iter``). Online runs use
+    a constant learning rate (no schedule: the stream has no known end)."""
 
 
 @dataclass
@@ -113,6 +122,8 @@ class EvalConfig:
     templates (templated, not real, captions; see docs/metrics.md)."""
     retrieval_images: int | None = 500
     """At most this many images per templated retrieval set (class-balanced, fixed seed); None: all."""
+    eval_period: int = 1000
+    """si_blurry: evaluate on all classes seen so far every this many stream samples (and at the end)."""
 
 
 @dataclass

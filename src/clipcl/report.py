@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 COMPARISON_COLUMNS = [
+    ("a_auc", "A_auc"),
+    ("a_last", "A_last"),
     ("transfer", "Transfer"),
     ("avg", "Avg"),
     ("last", "Last"),
@@ -23,8 +25,6 @@ COMPARISON_COLUMNS = [
     ("heldout_zero_shot", "Held-out ZS"),
     ("heldout_last", "Held-out last"),
     ("heldout_retention", "Held-out retention"),
-    ("ut_acc", "UT-Acc"),
-    ("a_acc", "A-Acc"),
     ("i2t_r1_change", "I→T R@1 Δ"),
     ("t2i_r1_change", "T→I R@1 Δ"),
 ]
@@ -46,8 +46,39 @@ def matrix_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def online_summary_markdown(results: dict[str, Any]) -> str:
+    """The summary.md of an online (Si-Blurry) run: the anytime curve and its metrics."""
+    anytime, timing, params = results["anytime"], results["timing"], results["parameters"]
+    stream = results["stream"]
+    lines = [
+        (f"# {results['name']} — online Si-Blurry stream ({stream['samples']} samples, "
+         f"{stream['classes']} classes), seed {results['seed']}"),
+        "",
+        "Anytime accuracy (%): test images of every class seen so far, among those classes.",
+        "",
+        "| samples seen | " + " | ".join(str(n) for n in anytime["samples"]) + " |",
+        "|---" * (len(anytime["samples"]) + 1) + "|",
+        "| accuracy | " + " | ".join(_number(v) for v in anytime["accuracy"]) + " |",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {key} | {_number(value)} |" for key, value in results["metrics"].items()]
+    heldout = results.get("heldout", {})
+    if heldout.get("datasets"):
+        lines += ["", "| held-out dataset | zero-shot | after the stream |", "|---|---|---|"]
+        for name, before, after in zip(heldout["datasets"], heldout["zero_shot"], heldout["after_stream"]):
+            lines.append(f"| {name} | {_number(before)} | {_number(after)} |")
+    lines += ["", f"Parameters: {params['trainable']:,} trainable of {params['total']:,}.",
+              (f"Training: {timing['train_steps']} steps, {timing['train_seconds']:.1f} s; evaluation "
+              f"{timing['eval_seconds']:.1f} s."), ""]
+    return "\n".join(lines)
+
+
 def run_summary_markdown(results: dict[str, Any]) -> str:
     """The summary.md of one run."""
+    if results.get("protocol") == "si_blurry":
+        return online_summary_markdown(results)
     metrics = results["metrics"]
     timing = results["timing"]
     params = results["parameters"]
@@ -109,6 +140,20 @@ def plot_run(results: dict[str, Any], directory: str | Path) -> list[Path]:
     import numpy as np
 
     directory = Path(directory)
+    if results.get("protocol") == "si_blurry":
+        anytime = results["anytime"]
+        figure, axes = plt.subplots(figsize=(7, 4))
+        axes.plot(anytime["samples"], anytime["accuracy"], marker="o")
+        axes.set_xlabel("stream samples seen")
+        axes.set_ylabel("accuracy on seen classes (%)")
+        axes.set_ylim(0, 100)
+        axes.set_title(f"{results['name']}: anytime accuracy (A_auc {results['metrics']['a_auc']:.1f})")
+        axes.grid(alpha=0.3)
+        figure.tight_layout()
+        path = directory / "anytime_accuracy.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        return [path]
     accuracy = results["accuracy"]
     rows = ["zero-shot"] + accuracy["rows"]
     matrix = np.array([accuracy["zero_shot_row"]] + accuracy["matrix"], dtype=float)

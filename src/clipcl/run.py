@@ -163,6 +163,15 @@ def _run(config: RunConfig, runtime: Runtime, *, restart: bool, show_progress: b
         _check_or_write_config(directory, config, restart)
     runtime.barrier()
 
+    if config.stream.protocol == "si_blurry":
+        from clipcl.online import run_online
+
+        if directory.results.exists() and not restart:
+            return json.loads(directory.results.read_text())  # a finished online run
+        results = run_online(config, runtime, directory, show_progress)
+        runtime.barrier()
+        return results
+
     seed_everything(config.seed)
     backend = build_backend(config.model).to(runtime.device)
     stream = build_stream(config.stream, config.seed)
@@ -257,8 +266,10 @@ def build_results(config: RunConfig, stream, strategy, progress: dict[str, Any])
         metrics["heldout_last"] = float(np.mean(final))
         metrics["heldout_retention"] = metrics_module.retention(progress["zero_shot_heldout"], final)
     metrics["zero_shot_avg"] = float(np.mean(progress["zero_shot_row"]))
-    metrics.update(metrics_module.dont_stop_learning(matrix, task_sizes, progress["zero_shot_heldout"],
-                                                     progress["heldout_rows"][-1]))
+    if stream.protocol == "class_incremental":
+        # The "Don't Stop Learning" settings are class-incremental (one or several phases of one dataset).
+        metrics.update(metrics_module.dont_stop_learning(matrix, task_sizes, progress["zero_shot_heldout"],
+                                                         progress["heldout_rows"][-1]))
     retrieval_before = progress.get("zero_shot_retrieval", {})
     retrieval_rows = progress.get("retrieval_rows", [])
     if retrieval_before and retrieval_rows:

@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from clipcl.strategies.base import Strategy, StrategyConfig
+from clipcl.strategies.er import ExperienceReplay
 from clipcl.strategies.finetune import Finetune
 from clipcl.strategies.lwf import LwF
+from clipcl.strategies.sit import SIT
 from clipcl.strategies.vr_lwf import VRLwF
 from clipcl.strategies.wise_ft import WiseFT
 from clipcl.strategies.zero_shot import ZeroShot
@@ -20,6 +22,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "lwf": LwF,
     "vr_lwf": VRLwF,
     "zscl": ZSCL,
+    "er": ExperienceReplay,
+    "sit": SIT,
 }
 
 

@@ -38,6 +38,8 @@ def class_text_features(backend: Backend, classes: list[ClassText], ensemble: bo
     With ``ensemble`` (evaluation), each class is the normalised mean of its normalised prompt
     embeddings over all templates, as in the CLIP paper; without it (training), the first template.
     """
+    if not classes:  # an online stream before its first batch
+        return torch.zeros(0, backend.embed_dim, device=backend.device)
     if not ensemble:
         return normalize(backend.encode_texts([c.templates[0].format(c.name) for c in classes]))
     prompts = [class_text.prompts() for class_text in classes]
@@ -99,6 +101,17 @@ class Strategy(nn.Module):
 
     def after_task(self, task: Task) -> None:
         """Consolidate, merge or calibrate after training on ``task``."""
+
+    # --- online streams (clipcl.online), for strategies with needs_task_boundaries = False --------
+    def on_new_classes(self, task: Task) -> None:
+        """Online: ``task.classes`` (all classes seen so far) just grew."""
+
+    def replay_indices(self, count: int, generator: torch.Generator) -> list[int]:
+        """Online: training-set indices to add to the incoming batch (a rehearsal memory)."""
+        return []
+
+    def observe(self, indices, labels) -> None:
+        """Online: the incoming batch's training-set indices and labels, after ``replay_indices``."""
 
     def restore_structure(self, completed: list[Task]) -> None:
         """Rebuild modules that earlier tasks added, before a checkpoint is loaded on resume."""

@@ -16,6 +16,7 @@ from clipcl.losses import classification_loss, clip_logits
 from clipcl.strategies.base import Strategy, StrategyConfig, class_text_features
 
 PARTS = ("all", "image", "text")
+LABEL_SPACES = ("task", "batch")
 
 
 @dataclass
@@ -27,6 +28,25 @@ class FinetuneConfig(StrategyConfig):
     """Also train the temperature (CLIP fine-tuning usually keeps it fixed)."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy."""
+    peft: str | None = None
+    """Parameter-efficient tuning instead of training the weights themselves: ``lora`` or ``adapter``
+    (clipcl's own modules, :mod:`clipcl.models.peft`), injected into the towers ``train`` names (``all``:
+    both). Only the added parameters train; the original weights stay frozen."""
+    peft_targets: list[str] | None = None
+    """Module-name patterns to inject into (None: the backend family's defaults for the chosen towers,
+    ``clipcl.models.peft.DEFAULT_LORA_TARGETS`` / ``DEFAULT_ADAPTER_TARGETS``)."""
+    lora_rank: int = 8
+    """LoRA rank r."""
+    lora_alpha: float = 16.0
+    """LoRA scaling alpha (the update is multiplied by alpha / r)."""
+    adapter_bottleneck: int = 64
+    """Parallel adapters: width of the bottleneck."""
+    adapter_scale: float = 0.1
+    """Parallel adapters: the adapter's output is multiplied by this."""
+    label_space: str = "task"
+    """The classes on the text side of the cross-entropy: ``task`` (the task's classes; in an online
+    stream, every class seen so far) or ``batch`` (only the classes present in the batch, as SIT does,
+    Wang et al. 2024)."""
 
 
 def select_parameters(backend, train: str, train_logit_scale: bool) -> dict[str, torch.nn.Parameter]:
@@ -52,12 +72,39 @@ def select_parameters(backend, train: str, train_logit_scale: bool) -> dict[str,
     return chosen
 
 
+def inject_peft(backend, config: FinetuneConfig) -> dict[str, torch.nn.Parameter]:
+    """Put LoRA or adapters into the towers ``config.train`` names; return the new parameters by name."""
+    from clipcl.models.peft import KINDS, default_targets, inject, peft_parameters
+
+    if config.peft not in KINDS:
+        raise ValueError(f"strategy.peft must be one of {', '.join(KINDS)} (or null), got {config.peft!r}")
+    towers = {"all": ("image", "text"), "image": ("image",), "text": ("text",)}.get(config.train)
+    if towers is None:
+        raise ValueError("strategy.train must be all, image or text when strategy.peft is set")
+    targets = config.peft_targets or default_targets(backend, config.peft, towers)
+    if config.peft == "lora":
+        inject(backend, "lora", targets, rank=config.lora_rank, alpha=config.lora_alpha)
+    else:
+        inject(backend, "adapter", targets, bottleneck=config.adapter_bottleneck, scale=config.adapter_scale)
+    added = {id(parameter) for parameter in peft_parameters(backend)}
+    chosen = {name: parameter for name, parameter in backend.named_parameters() if id(parameter) in added}
+    if config.train_logit_scale:
+        chosen["logit_scale"] = backend.logit_scale
+    return chosen
+
+
 class Finetune(Strategy):
     Config = FinetuneConfig
+    needs_task_boundaries = False  # usable on online streams (the whole stream is one "task")
 
     def __init__(self, backend, config: FinetuneConfig) -> None:
+        if config.label_space not in LABEL_SPACES:
+            raise ValueError(f"strategy.label_space must be one of {', '.join(LABEL_SPACES)}, got {config.label_space!r}")
         super().__init__(backend, config)
-        chosen = select_parameters(backend, config.train, config.train_logit_scale)
+        if config.peft is not None:
+            chosen = inject_peft(backend, config)
+        else:
+            chosen = select_parameters(backend, config.train, config.train_logit_scale)
         chosen_ids = {id(parameter) for parameter in chosen.values()}
         for parameter in backend.parameters():
             parameter.requires_grad_(id(parameter) in chosen_ids)
@@ -73,14 +120,33 @@ class Finetune(Strategy):
             with torch.no_grad():
                 self._frozen_text_features = class_text_features(self.backend, task.classes, ensemble=False)
 
+    def on_new_classes(self, task) -> None:
+        # The cached features of a frozen text tower must cover the new classes.
+        if not self.text_trains:
+            with torch.no_grad():
+                self._frozen_text_features = class_text_features(self.backend, task.classes, ensemble=False)
+
     def task_text_features(self, task) -> torch.Tensor:
         if self._frozen_text_features is not None:
             return self._frozen_text_features
         return class_text_features(self.backend, task.classes, ensemble=False)
 
+    def batch_label_space(self, task, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text features of the classes present in ``targets`` only, and the targets re-indexed into them."""
+        present = torch.unique(targets)  # sorted
+        if self._frozen_text_features is not None:
+            features = self._frozen_text_features[present]
+        else:
+            features = class_text_features(self.backend, [task.classes[int(i)] for i in present], ensemble=False)
+        return features, torch.searchsorted(present, targets)
+
     def forward(self, images, targets, task):
         image_features = self.backend.encode_image(images)
-        logits = clip_logits(image_features, self.task_text_features(task), self.backend.logit_scale)
+        if self.config.label_space == "batch":
+            text_features, targets = self.batch_label_space(task, targets)
+        else:
+            text_features = self.task_text_features(task)
+        logits = clip_logits(image_features, text_features, self.backend.logit_scale)
         loss = classification_loss(logits, targets, self.config.label_smoothing)
         return {"loss": loss, "accuracy": (logits.argmax(dim=-1) == targets).float().mean().detach()}
 

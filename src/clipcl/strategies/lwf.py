@@ -10,6 +10,10 @@ task's class prompts (the same logits the cross-entropy uses)::
 
 This is the CLIP form of LwF used as a baseline by Ding et al. (2022) and ZSCL (Zheng et al. 2023).
 Which parameters train is chosen as in ``finetune``.
+
+Online variant (Si-Blurry streams have no task boundaries): the whole stream is one task, so the
+teacher starts as the model before the stream, and ``teacher_refresh_every`` optimiser steps it is
+replaced by a copy of the current model; the distillation covers every class seen so far.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ class LwFConfig(FinetuneConfig):
     """Softening temperature T (Li & Hoiem use T = 2, after Hinton et al.). The KL is multiplied by
     T^2 (Hinton et al.; ZSCL's code does the same), which the LwF paper does not do: at T = 2 this
     term is 4x the paper's for the same alpha."""
+    teacher_refresh_every: int | None = None
+    """Online streams: replace the teacher by the current model every this many optimiser steps
+    (None: keep the model from the start of the task, i.e. of the whole stream)."""
     text_to_image: bool = False
     """Also distil the transposed logits (each class prompt's distribution over the batch's images),
     as ZSCL's re-implementation of LwF does (its ``--image_loss --text_loss``). Off in the paper."""
@@ -44,16 +51,35 @@ class LwF(Finetune):
             raise ValueError(f"strategy.alpha must be >= 0, got {config.alpha}")
         if config.temperature <= 0:
             raise ValueError(f"strategy.temperature must be > 0, got {config.temperature}")
+        if config.teacher_refresh_every is not None and config.teacher_refresh_every < 1:
+            raise ValueError(f"strategy.teacher_refresh_every must be >= 1 (or null), got {config.teacher_refresh_every}")
+        if config.label_space != "task":
+            raise ValueError("strategy.label_space: lwf distils over the task's classes; only 'task' is supported")
         super().__init__(backend, config)
         # Not a module attribute: the teacher is rebuilt from the current weights in before_task.
         self._teacher: Teacher | None = None
         self._teacher_text: torch.Tensor | None = None
+        self._task = None
 
     def before_task(self, task) -> None:
         super().before_task(task)
         self._teacher = self._teacher_text = None  # free the old copy before making the new one
         self._teacher = Teacher(self.backend)
         self._teacher_text = self._teacher.class_features(task.classes)
+        self._task = task
+
+    def on_new_classes(self, task) -> None:
+        super().on_new_classes(task)
+        if self._teacher is not None:
+            self._teacher_text = self._teacher.class_features(task.classes)
+
+    def after_step(self, step: int) -> None:
+        super().after_step(step)
+        every = self.config.teacher_refresh_every
+        if every is not None and self._teacher is not None and (step + 1) % every == 0 and self._task is not None:
+            self._teacher = None
+            self._teacher = Teacher(self.backend)
+            self._teacher_text = self._teacher.class_features(self._task.classes)
 
     def forward(self, images, targets, task):
         if self._teacher is None:
@@ -71,4 +97,4 @@ class LwF(Finetune):
 
     def after_task(self, task) -> None:
         super().after_task(task)
-        self._teacher = self._teacher_text = None
+        self._teacher = self._teacher_text = self._task = None

@@ -158,9 +158,12 @@ def _unique(classes) -> list:
 
 class VRLwF(Finetune):
     Config = VRLwFConfig
+    needs_task_boundaries = True  # teacher, vocabulary and seen classes are rebuilt per task
 
     def __init__(self, backend, config: VRLwFConfig) -> None:
         settings = _resolved(config)
+        if config.label_space != "task":
+            raise ValueError("strategy.label_space: vr_lwf distils over the task's classes; only 'task' is supported")
         super().__init__(backend, config)
         #: The variant's values with the config's overrides applied.
         self.settings = settings

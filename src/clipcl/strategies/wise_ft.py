@@ -23,6 +23,7 @@ class WiseFTConfig(FinetuneConfig):
 
 class WiseFT(Finetune):
     Config = WiseFTConfig
+    needs_task_boundaries = True  # interpolates with the zero-shot weights after each task
 
     def __init__(self, backend, config: WiseFTConfig) -> None:
         if not 0.0 <= config.alpha <= 1.0:

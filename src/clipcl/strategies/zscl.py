@@ -102,6 +102,7 @@ def reference_prompts(name: str) -> list[str]:
 
 class ZSCL(Finetune):
     Config = ZSCLConfig
+    needs_task_boundaries = True  # anchors and weight averaging restart at every task
 
     def __init__(self, backend, config: ZSCLConfig) -> None:
         if config.reference_preprocess not in PREPROCESSING:
@@ -120,6 +121,8 @@ class ZSCL(Finetune):
             value = getattr(config, name)
             if value is not None and value < 1:
                 raise ValueError(f"strategy.{name} must be >= 1 (or null), got {value}")
+        if config.label_space != "task":
+            raise ValueError("strategy.label_space: zscl distils over the task's classes; only 'task' is supported")
         super().__init__(backend, config)
         # The zero-shot teacher: copied now, before any training or checkpoint loading.
         self._zero_shot = Teacher(backend)

@@ -1,0 +1,98 @@
+"""Online (Si-Blurry) runs end to end, SIT's batch label space, and the ER reservoir."""
+
+import json
+
+import pytest
+import torch
+
+from clipcl.config import StreamConfig
+from clipcl.data.base import DataError
+from clipcl.data.streams import build_stream
+from clipcl.models.tiny import tiny_open_clip_backend
+from clipcl.run import run_experiment
+from clipcl.strategies.er import ERConfig, ExperienceReplay
+from clipcl.strategies.finetune import Finetune, FinetuneConfig
+
+ONLINE = {"protocol": "si_blurry", "datasets": ["synthetic-0", "synthetic-1"], "num_tasks": 3,
+          "disjoint_class_ratio": 0.5, "blurry_sample_ratio": 0.1, "train_samples_per_task": 48,
+          "test_samples_per_task": 60, "heldout": ["synthetic-5"]}
+
+
+def online_config(tiny_run_config, strategy, tmp_path, name="run", **train):
+    return tiny_run_config(strategy, stream=ONLINE, train={"batch_size": 8, "lr": 1e-3, "online_iter": 2, **train},
+                           eval={"eval_period": 32, "batch_size": 32, "cache_dir": ""}, output_dir=str(tmp_path / name))
+
+
+def test_online_run_gives_an_anytime_curve(tiny_run_config, tmp_path):
+    config = online_config(tiny_run_config, {"name": "er", "memory_size": 16}, tmp_path)
+    results = run_experiment(config, show_progress=False)
+    anytime = results["anytime"]
+    total = results["stream"]["samples"]
+    assert total == 96  # 48 per dataset
+    assert anytime["samples"] == [32, 64, 96]
+    assert all(0.0 <= value <= 100.0 for value in anytime["accuracy"])
+    assert results["metrics"]["a_last"] == anytime["accuracy"][-1]
+    # 12 batches of 8 new samples, each used twice (online_iter = 2)
+    assert results["timing"]["train_steps"] == 24
+    # the first batch has no memory to replay; later ones replay up to 8 from the memory of 16
+    assert 96 * 2 < results["timing"]["train_examples"] <= 2 * (96 + 88)
+    # every class of the stream has arrived by its end, each once in the arrival order
+    arrived = results["stream"]["arrival_order_of_classes"]
+    assert len(arrived) == len(set(arrived)) == results["stream"]["classes"]
+    assert results["heldout"]["datasets"] == ["synthetic-5"]
+    assert (tmp_path / "run" / "results.json").exists() and (tmp_path / "run" / "summary.md").exists()
+    assert "Anytime accuracy" in (tmp_path / "run" / "summary.md").read_text()
+    # A finished online run is not trained again.
+    assert run_experiment(config, show_progress=False) == json.loads((tmp_path / "run" / "results.json").read_text())
+    # Same seed, same stream and same curve.
+    again = run_experiment(online_config(tiny_run_config, {"name": "er", "memory_size": 16}, tmp_path, "again"),
+                           show_progress=False)
+    assert again["anytime"] == anytime
+
+
+def test_strategies_that_need_task_boundaries_are_refused_online(tiny_run_config, tmp_path):
+    with pytest.raises(DataError, match="needs task boundaries"):
+        run_experiment(online_config(tiny_run_config, {"name": "vr_lwf"}, tmp_path), show_progress=False)
+
+
+def test_sit_batch_label_space_on_a_hand_built_batch():
+    stream = build_stream(StreamConfig(protocol="class_incremental", datasets=["synthetic-0"], num_tasks=1,
+                                       test_samples_per_task=12), seed=0)
+    task = stream.tasks[0]
+    backend = tiny_open_clip_backend(seed=0)
+    images = torch.stack([task.training_view(backend.preprocess)[i][0] for i in range(3)])
+    targets = torch.tensor([3, 1, 3])
+    strategy = Finetune(backend, FinetuneConfig(name="finetune", label_space="batch"))
+    strategy.before_task(task)
+    with torch.no_grad():
+        loss = strategy(images, targets, task)["loss"]
+        image_features = backend.encode_image(images)
+        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        prompts = backend.tokenize([task.classes[i].templates[0].format(task.classes[i].name) for i in (1, 3)])
+        text = backend.encode_text(prompts)
+        text = text / text.norm(dim=-1, keepdim=True)
+        logits = backend.logit_scale.exp() * image_features @ text.t()  # 2 columns: classes 1 and 3
+        expected = torch.nn.functional.cross_entropy(logits, torch.tensor([1, 0, 1]))
+        everything = Finetune(backend, FinetuneConfig(name="finetune"))
+        everything.before_task(task)
+        all_seen = everything(images, targets, task)["loss"]
+    assert abs(loss.item() - expected.item()) < 1e-5
+    assert abs(all_seen.item() - loss.item()) > 1e-4  # the 6-class loss differs
+
+
+def test_er_reservoir_keeps_a_bounded_uniform_memory():
+    backend = tiny_open_clip_backend(seed=0)
+    strategy = ExperienceReplay(backend, ERConfig(name="er", memory_size=10))
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(200)
+    for start in range(0, 200, 8):
+        replayed = strategy.replay_indices(8, generator)
+        assert len(replayed) == min(8, len(strategy.memory))
+        assert set(replayed) <= set(strategy.memory)
+        strategy.observe(list(range(start, start + 8)), [0] * 8)
+        assert len(strategy.memory) == min(10, start + 8) and len(set(strategy.memory)) == len(strategy.memory)
+    for index in strategy.memory:
+        counts[index] += 1
+    assert strategy.seen == 200 and all(0 <= index < 200 for index in strategy.memory)
+    # Not simply the first or the last ten samples.
+    assert sorted(strategy.memory) != list(range(10)) and sorted(strategy.memory) != list(range(190, 200))
