@@ -23,8 +23,6 @@ Markdown after every run, so a partial benchmark is readable.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import platform
 import time
@@ -32,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from seeded import cell, choices, mean_and_std, write_summary
 
 from clipcl.config import RunConfig, from_dict
 from clipcl.run import run_experiment
@@ -89,10 +88,7 @@ def summarise(records: list[dict]) -> dict:
     for (setting, method), group in groups.items():
         entry = {"seeds": sorted(record["seed"] for record in group)}
         for key, _ in METRICS:
-            values = [record["metrics"].get(key, float("nan")) for record in group]
-            values = [value for value in values if value is not None and not math.isnan(value)]
-            entry[key] = ({"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1
-                           else float("nan"), "n": len(values)} if values else None)
+            entry[key] = mean_and_std(record["metrics"].get(key) for record in group)
         entry["train_seconds"] = float(np.mean([sum(record["train_seconds"]) for record in group]))
         summary.setdefault(setting, {})[method] = entry
     return summary
@@ -110,15 +106,7 @@ def markdown(summary: dict, methods: list[str]) -> str:
             entry = summary[setting].get(method)
             if entry is None:
                 continue
-            cells = []
-            for key, _ in METRICS:
-                value = entry[key]
-                if value is None:
-                    cells.append("–")
-                elif math.isnan(value["std"]):
-                    cells.append(f"{value['mean']:.1f}")
-                else:
-                    cells.append(f"{value['mean']:.1f} ± {value['std']:.1f}")
+            cells = [cell(entry[key]) for key, _ in METRICS]
             lines.append(f"| {method} | {len(entry['seeds'])} | " + " | ".join(cells) + f" | {entry['train_seconds']:.0f} |")
         lines.append("")
     return "\n".join(lines)
@@ -139,14 +127,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    settings = [name for name in args.settings.split(",") if name]
-    methods = [name for name in args.methods.split(",") if name]
-    for name in settings:
-        if name not in SETTINGS:
-            parser.error(f"unknown setting {name!r}; choose from {', '.join(SETTINGS)}")
-    for name in methods:
-        if name not in METHODS:
-            parser.error(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    settings = choices(parser, args.settings, SETTINGS, "setting")
+    methods = choices(parser, args.methods, METHODS, "method")
 
     records = []
     started = time.perf_counter()
@@ -173,9 +155,7 @@ def main() -> None:
                     "machine": {"cpus": os.cpu_count(), "machine": platform.machine(),
                                 "threads": args.threads, "torch": torch.__version__},
                 }
-                Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.results).write_text(json.dumps(record, indent=1))
-                Path(args.results).with_suffix(".md").write_text(markdown(summary, methods))
+                write_summary(args.results, record, markdown(summary, methods))
     print(markdown(summarise(records), methods))
 
 

@@ -23,15 +23,13 @@ summary (mean and standard deviation over seeds) is written as JSON and Markdown
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from seeded import cell, choices, mean_and_std, write_summary
 
 from clipcl.config import RunConfig, from_dict
 from clipcl.run import run_experiment
@@ -85,11 +83,7 @@ def summarise(records: list[dict]) -> dict:
     for (stream, method), group in groups.items():
         entry = {"seeds": sorted(record["seed"] for record in group), "tuned": METHODS[method][1]}
         for key, _ in METRICS:
-            values = [record["metrics"].get(key) for record in group]
-            values = [value for value in values if value is not None and not math.isnan(value)]
-            entry[key] = ({"mean": float(np.mean(values)),
-                           "std": float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")}
-                          if values else None)
+            entry[key] = mean_and_std(record["metrics"].get(key) for record in group)
         summary.setdefault(stream, {})[method] = entry
     return summary
 
@@ -105,15 +99,7 @@ def markdown(summary: dict, methods: list[str]) -> str:
             entry = summary[stream].get(method)
             if entry is None:
                 continue
-            cells = []
-            for key, _ in METRICS:
-                value = entry[key]
-                if value is None:
-                    cells.append("–")
-                elif math.isnan(value["std"]):
-                    cells.append(f"{value['mean']:.1f}")
-                else:
-                    cells.append(f"{value['mean']:.1f} ± {value['std']:.1f}")
+            cells = [cell(entry[key]) for key, _ in METRICS]
             lines.append(f"| {method} | {entry['tuned']} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -133,14 +119,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    streams = [name for name in args.streams.split(",") if name]
-    methods = [name for name in args.methods.split(",") if name]
-    for name in streams:
-        if name not in STREAMS:
-            parser.error(f"unknown stream {name!r}; choose from {', '.join(STREAMS)}")
-    for name in methods:
-        if name not in METHODS:
-            parser.error(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    streams = choices(parser, args.streams, STREAMS, "stream")
+    methods = choices(parser, args.methods, METHODS, "method")
 
     records = []
     started = time.perf_counter()
@@ -164,9 +144,7 @@ def main() -> None:
                           "elapsed_seconds": time.perf_counter() - started,
                           "machine": {"cpus": os.cpu_count(), "machine": platform.machine(), "threads": args.threads,
                                       "torch": torch.__version__}}
-                Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.results).write_text(json.dumps(record, indent=1))
-                Path(args.results).with_suffix(".md").write_text(markdown(summary, methods))
+                write_summary(args.results, record, markdown(summary, methods))
     print(markdown(summarise(records), methods))
 
 
