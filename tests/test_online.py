@@ -9,7 +9,7 @@ from clipcl.config import StreamConfig
 from clipcl.data.base import DataError
 from clipcl.data.streams import build_stream
 from clipcl.models.tiny import tiny_open_clip_backend
-from clipcl.run import run_experiment
+from clipcl.run import RunError, run_experiment
 from clipcl.strategies.er import ERConfig, ExperienceReplay
 from clipcl.strategies.finetune import Finetune, FinetuneConfig
 
@@ -44,6 +44,9 @@ def test_online_run_gives_an_anytime_curve(tiny_run_config, tmp_path):
     assert "Anytime accuracy" in (tmp_path / "run" / "summary.md").read_text()
     # A finished online run is not trained again.
     assert run_experiment(config, show_progress=False) == json.loads((tmp_path / "run" / "results.json").read_text())
+    # The same folder with another config is refused, not answered with the old results.
+    with pytest.raises(RunError, match="another config"):
+        run_experiment(online_config(tiny_run_config, {"name": "er", "memory_size": 8}, tmp_path), show_progress=False)
     # Same seed, same stream and same curve.
     again = run_experiment(online_config(tiny_run_config, {"name": "er", "memory_size": 16}, tmp_path, "again"),
                            show_progress=False)

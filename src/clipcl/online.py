@@ -247,7 +247,8 @@ def train_online(strategy, stream: OnlineStream, config, runtime, cache, show_pr
 
 def run_online(config, runtime, directory, show_progress: bool) -> dict[str, Any]:
     """The whole online run (called by :func:`clipcl.run.run_experiment` for ``si_blurry`` streams)."""
-    from clipcl.checkpoint import atomic_write_json, atomic_write_text, save_checkpoint, snapshot_state
+    from clipcl.checkpoint import (atomic_write_json, atomic_write_text, fingerprint_digest, save_checkpoint,
+                                   snapshot_state)
     from clipcl.config import config_fingerprint, to_dict
     from clipcl.data.online import a_last, anytime_accuracy_auc
     from clipcl.eval.cache import FeatureCache, default_cache_dir
@@ -290,6 +291,7 @@ def run_online(config, runtime, directory, show_progress: bool) -> dict[str, Any
         "name": config.label,
         "strategy": config.strategy.get("name"),
         "protocol": ONLINE_PROTOCOL,
+        "config_digest": fingerprint_digest(fingerprint),
         "seed": config.seed,
         "anytime": {"samples": outcome["samples"], "accuracy": outcome["accuracy"], "periodic": outcome["periodic"],
                     "unit": "percent", "eval_period": config.eval.eval_period},

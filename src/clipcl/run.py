@@ -103,7 +103,9 @@ class RunDirectory:
 def _check_or_write_config(directory: RunDirectory, config: RunConfig, restart: bool) -> None:
     fingerprint = config_fingerprint(config)
     if directory.progress.exists() or directory.results.exists():
-        previous = directory.read_progress() or {}
+        # Task-based runs keep the digest in progress.json; online runs (no progress) in results.json.
+        previous = directory.read_progress() or (json.loads(directory.results.read_text())
+                                                 if directory.results.exists() else {})
         if restart:
             for path in [directory.progress, directory.results, directory.summary,
                          *directory.checkpoints.glob("*.safetensors")]:
