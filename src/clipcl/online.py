@@ -247,8 +247,13 @@ def train_online(strategy, stream: OnlineStream, config, runtime, cache, show_pr
 
 def run_online(config, runtime, directory, show_progress: bool) -> dict[str, Any]:
     """The whole online run (called by :func:`clipcl.run.run_experiment` for ``si_blurry`` streams)."""
-    from clipcl.checkpoint import (atomic_write_json, atomic_write_text, fingerprint_digest, save_checkpoint,
-                                   snapshot_state)
+    from clipcl.checkpoint import (
+        atomic_write_json,
+        atomic_write_text,
+        fingerprint_digest,
+        save_checkpoint,
+        snapshot_state,
+    )
     from clipcl.config import config_fingerprint, to_dict
     from clipcl.data.online import a_last, anytime_accuracy_auc
     from clipcl.eval.cache import FeatureCache, default_cache_dir
