@@ -193,7 +193,7 @@ def test_shipped_configs_load_by_name():
     from clipcl.config import load_config, shipped_configs
 
     names = set(shipped_configs())
-    assert {"vr_lwf", "vr_lwf_zscl", "lwf", "zscl", "demo_multi_domain"} <= names
+    assert {"vr_lwf", "vr_lwf_zscl", "lwf", "zscl", "sit", "demo_multi_domain"} <= names
     for name in names:
         config = load_config(name)
         assert config.model.backend == "starter"

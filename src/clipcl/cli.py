@@ -70,6 +70,7 @@ def command_list(args: argparse.Namespace) -> int:
     print("protocols (stream.protocol):")
     for name in PROTOCOLS:
         print(f"  {name}")
+    print("  si_blurry          (online: one pass, stochastic blurry task boundaries; docs/online.md)")
     print("stream orders (stream.datasets):")
     for name, datasets in STREAM_ORDERS.items():
         print(f"  {name:<14} {' -> '.join(datasets)}")

@@ -252,7 +252,8 @@ def build_stream(stream_config, seed: int) -> Stream:
 
     config = stream_config
     if config.protocol not in PROTOCOLS:
-        raise DataError(f"unknown protocol {config.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        raise DataError(f"unknown protocol {config.protocol!r}; choose one of {', '.join(PROTOCOLS)} or si_blurry "
+                        "(online)")
     names = resolve_dataset_list(config.datasets)
     if not names:
         raise DataError("stream.datasets is empty")
