@@ -201,10 +201,11 @@ def train_online(strategy, stream: OnlineStream, config, runtime, cache, show_pr
         if arrivals.add(stream.train.labels[indices]):
             strategy.on_new_classes(arrivals.task)
         view.target_of_label = arrivals.task.target_of_label
-        replayed = strategy.replay_indices(len(indices), generator) if optimizer is not None else []
-        batch_indices = [int(index) for index in indices] + [int(index) for index in replayed]
-        # Each image's augmentation is seeded by its dataset index and this batch's place in the stream.
-        items = [view[(index, start * 7919 + offset)] for offset, index in enumerate(batch_indices)]
+        if optimizer is not None:
+            replayed = strategy.replay_indices(len(indices), generator)
+            batch_indices = [int(index) for index in indices] + [int(index) for index in replayed]
+            # Each image's augmentation is seeded by its batch's place in the stream and its place in the batch.
+            items = [view[(index, start * 7919 + offset)] for offset, index in enumerate(batch_indices)]
         strategy.observe(indices, stream.train.labels[indices])
         if optimizer is not None:
             images = torch.stack([pixels for pixels, _ in items]).to(runtime.device)
