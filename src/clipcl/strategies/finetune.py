@@ -114,17 +114,18 @@ class Finetune(Strategy):
         self._frozen_text_features: torch.Tensor | None = None
 
     def before_task(self, task) -> None:
-        # A frozen text tower gives the same class features at every step: compute them once.
+        self._cache_frozen_text_features(task)
+
+    def _cache_frozen_text_features(self, task) -> None:
+        # A frozen text tower gives the same class features at every step: compute them once per
+        # task (and again when an online stream's classes grow).
         self._frozen_text_features = None
         if not self.text_trains:
             with torch.no_grad():
                 self._frozen_text_features = class_text_features(self.backend, task.classes, ensemble=False)
 
     def on_new_classes(self, task) -> None:
-        # The cached features of a frozen text tower must cover the new classes.
-        if not self.text_trains:
-            with torch.no_grad():
-                self._frozen_text_features = class_text_features(self.backend, task.classes, ensemble=False)
+        self._cache_frozen_text_features(task)
 
     def task_text_features(self, task) -> torch.Tensor:
         if self._frozen_text_features is not None:
