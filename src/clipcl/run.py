@@ -183,6 +183,7 @@ def _run(config: RunConfig, runtime: Runtime, *, restart: bool, show_progress: b
 
     cache_dir = config.eval.cache_dir if config.eval.cache_dir is not None else default_cache_dir()
     cache = FeatureCache(cache_dir or None, enabled=config.eval.feature_cache)
+    strategy.feature_cache = cache
 
     progress = directory.read_progress() or {}
     completed = progress.get("completed_tasks", -1)
@@ -240,6 +241,9 @@ def _run(config: RunConfig, runtime: Runtime, *, restart: bool, show_progress: b
             return {"interrupted": True, "progress": progress}
 
     results = build_results(config, stream, strategy, progress)
+    report = strategy.final_report(stream, runtime)
+    if report:
+        results["strategy_report"] = report
     if runtime.is_main:
         atomic_write_json(directory.results, results)
         from clipcl.report import run_summary_markdown

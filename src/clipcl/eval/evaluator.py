@@ -46,6 +46,23 @@ def image_features(
     num_workers: int = 0,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Normalised features of this process's shard of ``dataset``, and the shard's dataset labels."""
+    features, _, labels = routed_image_features(strategy, dataset, task_index, runtime, batch_size, cache,
+                                                show_progress, num_workers)
+    return features, labels
+
+
+@torch.no_grad()
+def routed_image_features(
+    strategy: Strategy,
+    dataset: ClassificationDataset,
+    task_index: int | None,
+    runtime: Runtime,
+    batch_size: int,
+    cache: FeatureCache | None = None,
+    show_progress: bool = False,
+    num_workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
+    """As :func:`image_features`, plus each image's route (None when the strategy does not route)."""
     indices = runtime.shard(list(range(len(dataset))))
     labels = dataset.labels[indices] if len(indices) else np.zeros(0, dtype=np.int64)
     image_key = strategy.image_cache_key(task_index) if cache is not None else None
@@ -54,19 +71,24 @@ def image_features(
         cache_key = FeatureCache.make_key(image_key, dataset.fingerprint(), f"{runtime.rank}/{runtime.world_size}")
         cached = cache.get(cache_key)
         if cached is not None:
-            return cached.to(runtime.device), labels
+            return cached.to(runtime.device), None, labels
 
     view = Subset(_ImagesOnly(dataset, strategy.backend.preprocess), indices)
     loader = DataLoader(view, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    chunks = []
+    chunks, route_chunks = [], []
     for images in tqdm(loader, desc=f"encode {dataset.name}/{dataset.split}", leave=False,
                        disable=not (show_progress and runtime.is_main), dynamic_ncols=True):
         with runtime.autocast():
-            chunks.append(strategy.encode_images(images.to(runtime.device), task_index).float())
+            features, routes = strategy.encode_images_routed(images.to(runtime.device), task_index)
+        chunks.append(features.float())
+        route_chunks.append(routes)
     features = torch.cat(chunks) if chunks else torch.zeros(0, strategy.backend.embed_dim, device=runtime.device)
+    routed = any(routes is not None for routes in route_chunks)
+    if routed and image_key is not None:
+        raise RuntimeError(f"{type(strategy).__name__} routes images, so its image features cannot be cached")
     if cache_key is not None:
         cache.put(cache_key, features)
-    return features, labels
+    return features, (torch.cat(route_chunks) if routed else None), labels
 
 
 @torch.no_grad()
@@ -81,12 +103,21 @@ def predict(
     show_progress: bool = False,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Per-image predicted class indices (into ``classes``) for this process's shard, and its labels."""
-    features, labels = image_features(strategy, dataset, task_index, runtime, batch_size, cache, show_progress)
-    with runtime.autocast():
-        text = strategy.encode_classes(classes, task_index).float()
+    features, routes, labels = routed_image_features(strategy, dataset, task_index, runtime, batch_size, cache,
+                                                     show_progress)
     # float64 for the similarities: ties and near-ties resolve the same on every batch layout.
-    similarities = features.double() @ text.double().t()
-    return similarities.argmax(dim=-1).cpu(), labels
+    if routes is None:
+        with runtime.autocast():
+            text = strategy.encode_classes(classes, task_index).float()
+        return (features.double() @ text.double().t()).argmax(dim=-1).cpu(), labels
+    # Each image against the class features of its own route.
+    predictions = torch.zeros(len(features), dtype=torch.long)
+    for route in routes.unique().tolist():
+        rows = (routes == route).nonzero().squeeze(-1)
+        with runtime.autocast():
+            text = strategy.encode_classes_routed(classes, task_index, route).float()
+        predictions[rows.cpu()] = (features[rows].double() @ text.double().t()).argmax(dim=-1).cpu()
+    return predictions, labels
 
 
 def count_correct(
@@ -139,4 +170,4 @@ def evaluate_row(
     return row, heldout, time.perf_counter() - started
 
 
-__all__ = ["LabelledView", "count_correct", "evaluate_row", "image_features", "predict"]
+__all__ = ["LabelledView", "count_correct", "evaluate_row", "image_features", "predict", "routed_image_features"]

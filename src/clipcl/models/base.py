@@ -52,6 +52,11 @@ class Backend(nn.Module):
         """The repeated blocks of the text tower, input side first."""
         raise NotImplementedError
 
+    def block_token_layout(self, tower: str) -> str:
+        """How a transformer block of ``tower`` lays out its input: ``bld`` (batch, length, width;
+        the default) or ``lbd`` (length first). Adapters that route on the first token need it."""
+        return "bld"
+
     # --- encoding ---------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError

@@ -237,6 +237,15 @@ class OpenClipBackend(Backend):
             return list(transformer.resblocks)
         return find_blocks(self.text_tower)
 
+    def block_token_layout(self, tower: str) -> str:
+        if tower == "image":
+            transformer = getattr(self.model.visual, "transformer", None)
+        else:
+            text = getattr(self.model, "text", None)
+            transformer = self.model.transformer if text is None else getattr(text, "transformer", None)
+        # open_clip's Transformer runs its blocks batch-first unless built with batch_first=False.
+        return "bld" if getattr(transformer, "batch_first", True) else "lbd"
+
     # --- encoding ---------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))

@@ -82,6 +82,8 @@ class Strategy(nn.Module):
     Config = StrategyConfig
     #: Whether the method needs to be told where tasks start and end.
     needs_task_boundaries: bool = True
+    #: The run's image-feature cache (set by the runner), for methods that encode datasets themselves.
+    feature_cache = None
 
     def __init__(self, backend: Backend, config: StrategyConfig) -> None:
         super().__init__()
@@ -127,6 +129,21 @@ class Strategy(nn.Module):
     def encode_classes(self, classes: list[ClassText], task_index: int | None) -> torch.Tensor:
         """Normalised class text features (prompt ensemble)."""
         return class_text_features(self.backend, classes, ensemble=True)
+
+    def encode_images_routed(self, images: torch.Tensor, task_index: int | None
+                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image features and, for methods that route each image to one of several models, the route
+        of each image (None: one model for all). The evaluator then scores each image against the
+        class features of its own route (:meth:`encode_classes_routed`)."""
+        return self.encode_images(images, task_index), None
+
+    def encode_classes_routed(self, classes: list[ClassText], task_index: int | None, route: int) -> torch.Tensor:
+        """Class text features as seen by the images routed to ``route``."""
+        return self.encode_classes(classes, task_index)
+
+    def final_report(self, stream, runtime) -> dict:
+        """Method-specific facts for results.json (``strategy_report``), computed after the last task."""
+        return {}
 
     def image_cache_key(self, task_index: int | None) -> str | None:
         """A key for cached image features, or None when they cannot be cached.
