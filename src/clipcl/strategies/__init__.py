@@ -9,6 +9,7 @@ from clipcl.strategies.base import Strategy, StrategyConfig
 from clipcl.strategies.er import ExperienceReplay
 from clipcl.strategies.finetune import Finetune
 from clipcl.strategies.lwf import LwF
+from clipcl.strategies.moe_adapters import MoEAdapters
 from clipcl.strategies.sit import SIT
 from clipcl.strategies.vr_lwf import VRLwF
 from clipcl.strategies.wise_ft import WiseFT
@@ -24,6 +25,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "zscl": ZSCL,
     "er": ExperienceReplay,
     "sit": SIT,
+    "moe_adapters": MoEAdapters,
 }
 
 

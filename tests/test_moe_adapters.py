@@ -1,0 +1,184 @@
+"""MoE-Adapters and DDAS: exactness at the start, frozen experts, per-image routing, calibration."""
+
+import pytest
+import torch
+from torch import nn
+
+from clipcl.data.streams import build_stream
+from clipcl.eval.evaluator import predict
+from clipcl.models import build_backend
+from clipcl.models.moe_adapters import MoEAdapter, active_router, inject_moe_adapters
+from clipcl.run import seed_everything
+from clipcl.strategies import build_strategy
+from clipcl.strategies.ddas import ZERO_SHOT, DistributionSelector
+from clipcl.train.runtime import Runtime
+
+MOE = {"name": "moe_adapters", "num_experts": 6, "top_k": 2, "ddas_steps": 60, "ddas_hidden": 8}
+
+
+def build(config):
+    seed_everything(config.seed)
+    backend = build_backend(config.model)
+    stream = build_stream(config.stream, config.seed)
+    return build_strategy(backend, config.strategy), stream
+
+
+def train_task(strategy, task, steps=6, lr=5e-2):
+    """A few optimiser steps on the task's first images, as the loop would run them."""
+    view = task.training_view(strategy.backend.train_preprocess)
+    images = torch.stack([view[i][0] for i in range(16)])
+    targets = torch.tensor([view[i][1] for i in range(16)])
+    strategy.before_task(task)
+    optimizer = torch.optim.AdamW(strategy.trainable_parameters(), lr=lr, weight_decay=0.0)
+    strategy.train()
+    for _ in range(steps):
+        loss = strategy(images, targets, task)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    strategy.after_task(task)
+    strategy.eval()
+
+
+def test_fresh_routers_and_experts_leave_the_model_exactly_unchanged(tiny_run_config):
+    config = tiny_run_config(dict(MOE))
+    seed_everything(0)
+    plain = build_backend(config.model).eval()
+    strategy, stream = build(config)
+    strategy.before_task(stream.tasks[0])  # adds task 0's (zero) router
+    strategy.eval()
+    images = torch.rand(5, 3, 32, 32)
+    tokens = plain.tokenize(["a photo of a cat", "a dog"])
+    with torch.no_grad():
+        expected_image, expected_text = plain.encode_image(images), plain.encode_text(tokens)
+        for training in (False, True):  # noise and dropout on or off: the experts still add zeros
+            with active_router(strategy.layers, 0, training=training):
+                assert torch.equal(strategy.backend.encode_image(images), expected_image)
+                assert torch.equal(strategy.backend.encode_text(tokens), expected_text)
+    assert {layer.tower for layer in strategy.layers} == {"image", "text"}
+
+
+def test_starter_towers_get_mixtures_and_stay_exact():
+    """The starter's CNN image tower takes experts beside its identity-skip MBConv blocks."""
+    from clipcl.config import ModelConfig
+
+    plain = build_backend(ModelConfig(backend="starter")).eval()
+    backend = build_backend(ModelConfig(backend="starter")).eval()
+    layers = inject_moe_adapters(backend, ("image", "text"), num_experts=3, top_k=2)
+    for layer in layers:
+        layer.add_router()
+    image_layers = [layer for layer in layers if layer.tower == "image"]
+    # EfficientNet-Lite0 has 9 MBConv blocks whose input and output shapes agree; MiniLM has 6 layers.
+    assert len(image_layers) == 9 and all(layer.layout == "bchw" for layer in image_layers)
+    assert len(layers) - len(image_layers) == len(plain.text_blocks())
+    images = torch.rand(2, 3, 112, 112)
+    tokens = plain.tokenize(["a photo of a shoe"])
+    with torch.no_grad(), active_router(layers, 0):
+        assert torch.equal(backend.encode_image(images), plain.encode_image(images))
+        assert torch.equal(backend.encode_text(tokens), plain.encode_text(tokens))
+
+
+def test_unsupported_blocks_fail_with_one_line():
+    class Odd(nn.Module):
+        def image_blocks(self):
+            return [nn.Conv2d(3, 3, 3)]
+
+        def block_token_layout(self, tower):
+            return "bld"
+
+    with pytest.raises(ValueError, match="Conv2d blocks are not supported"):
+        inject_moe_adapters(Odd(), ("image",), num_experts=2, top_k=1)
+
+
+def test_frozen_experts_do_not_change_while_a_later_task_trains(tiny_run_config):
+    strategy, stream = build(tiny_run_config(dict(MOE, freeze_experts_per_task=2)))
+    train_task(strategy, stream.tasks[0])
+    frozen = {(index, expert): [p.detach().clone() for p in layer.experts[expert].parameters()]
+              for index, layer in enumerate(strategy.layers) for expert in layer.frozen.nonzero().flatten().tolist()}
+    assert len(frozen) == 2 * len(strategy.layers)  # two per block, from the task's selection counts
+    counts = [layer.selection_counts.clone() for layer in strategy.layers]
+    for layer, count in zip(strategy.layers, counts):
+        chosen = set(layer.frozen.nonzero().flatten().tolist())
+        assert all(count[i] >= count[j] for i in chosen for j in range(len(count)) if j not in chosen)
+    free_before = {(index, expert): [p.detach().clone() for p in layer.experts[expert].parameters()]
+                   for index, layer in enumerate(strategy.layers) for expert in range(layer.num_experts)
+                   if not layer.frozen[expert]}
+    train_task(strategy, stream.tasks[1])
+    for (index, expert), tensors in frozen.items():
+        for before, after in zip(tensors, strategy.layers[index].experts[expert].parameters()):
+            assert torch.equal(before, after)
+    # ... while the experts left free did train.
+    assert any(not torch.equal(before, after) for (index, expert), tensors in free_before.items()
+               for before, after in zip(tensors, strategy.layers[index].experts[expert].parameters()))
+    assert len(strategy.layers[0].routers) == 2  # one router per task
+
+
+def test_routing_and_predictions_are_per_image(tiny_run_config):
+    """A mixed batch routes and predicts each image exactly as that image alone."""
+    strategy, stream = build(tiny_run_config(dict(MOE)))
+    for task in stream.tasks[:2]:
+        train_task(strategy, task)
+    # Give every expert a visible output, so a wrong route would change the features.
+    torch.manual_seed(1)
+    for layer in strategy.layers:
+        for expert in layer.experts:
+            nn.init.normal_(expert.up.weight, std=0.5)
+    preprocess = strategy.backend.preprocess
+    images = torch.stack([preprocess(task.test[i][0]) for task in stream.tasks for i in range(4)])
+    with torch.no_grad():
+        batch_features, batch_routes = strategy.encode_images_routed(images, None)
+        alone = [strategy.encode_images_routed(images[i: i + 1], None) for i in range(len(images))]
+    alone_routes = torch.cat([routes for _, routes in alone])
+    alone_features = torch.cat([features for features, _ in alone])
+    assert torch.equal(batch_routes, alone_routes)
+    assert len(batch_routes.unique()) > 1, batch_routes  # the batch really mixes routes
+    torch.testing.assert_close(batch_features, alone_features, rtol=0, atol=1e-5)
+    # Whole-dataset predictions do not depend on the evaluation batch size or the images' order.
+    runtime = Runtime(torch.device("cpu"))
+    task = stream.tasks[2]
+    classes, _ = stream.eval_label_space(1, task.index)
+    one, _ = predict(strategy, task.test, classes, None, runtime, batch_size=1)
+    many, _ = predict(strategy, task.test, classes, None, runtime, batch_size=64)
+    assert torch.equal(one, many)
+
+
+def test_ddas_threshold_is_the_calibration_quantile_and_unknown_domains_go_to_zero_shot():
+    torch.manual_seed(0)
+    width = 16
+    centres = torch.randn(2, width) * 3
+    selector = DistributionSelector(width, hidden=4, with_reference=False)
+    fits = []
+    for centre in centres:
+        train = centre + 0.1 * torch.randn(300, width)
+        calibration = centre + 0.1 * torch.randn(100, width)
+        fits.append(selector.fit_task(train, calibration, steps=400, lr=1e-2, batch_size=64, quantile=0.9, seed=0))
+        errors = selector.autoencoders[-1].errors(calibration)
+        assert float(selector.autoencoders[-1].threshold) == pytest.approx(float(torch.quantile(errors.double(), 0.9)))
+    own = torch.cat([centre + 0.1 * torch.randn(50, width) for centre in centres])
+    routes = selector.route(own)
+    assert float((routes[:50] == 0).float().mean()) > 0.7 and float((routes[50:] == 1).float().mean()) > 0.7
+    far = 10 * torch.randn(40, width)
+    assert bool((selector.route(far) == ZERO_SHOT).all())
+    # Per image: a row's route does not depend on the other rows.
+    mixed = torch.cat([own[:3], far[:3]])
+    assert torch.equal(selector.route(mixed), torch.cat([selector.route(mixed[i: i + 1]) for i in range(6)]))
+
+
+def test_parameter_report_counts_the_modules(tiny_run_config):
+    strategy, stream = build(tiny_run_config(dict(MOE)))
+    train_task(strategy, stream.tasks[0], steps=1)
+    report = strategy.parameter_report()
+    # Independent count from the widths: each expert is d*64+64 + 64*d+d, each router 2*d*E.
+    widths = [layer.width for layer in strategy.layers]
+    experts = sum(6 * (2 * 64 * width + 64 + width) for width in widths)
+    routers = sum(2 * width * 6 for width in widths)
+    embed = strategy.backend.embed_dim
+    autoencoder = embed * 8 + 8 + 8 * embed + embed
+    assert report["experts"] == experts
+    assert report["routers"] == routers
+    assert report["stored_per_task"] == routers + autoencoder
+    assert report["total_stored"] == experts + routers + autoencoder
+    assert report["experts_frozen"] == 2 * len(widths)
+    trainable = sum(p.numel() for p in strategy.trainable_parameters())
+    assert report["trainable_last_task"] == trainable
+    assert isinstance(strategy.layers[0], MoEAdapter)
