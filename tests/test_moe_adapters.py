@@ -182,3 +182,52 @@ def test_parameter_report_counts_the_modules(tiny_run_config):
     trainable = sum(p.numel() for p in strategy.trainable_parameters())
     assert report["trainable_last_task"] == trainable
     assert isinstance(strategy.layers[0], MoEAdapter)
+
+
+def test_mixture_reads_the_pre_norm_stream_and_mixes_the_top_k_experts():
+    """One open_clip block, computed by hand: x' = x + attn(ln_1(x));
+    out = x' + mlp(ln_2(x')) + 0.1 * sum over the top-2 experts of softmax(top-2 gate logits) * expert(x')."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(d_model=16, n_head=2, batch_first=True).eval()
+    reference = ResidualAttentionBlock(d_model=16, n_head=2, batch_first=True).eval()
+    reference.load_state_dict(block.state_dict())
+    layer = MoEAdapter(block.mlp, 16, "bld", num_experts=4, top_k=2, input_from=block.ln_2)
+    block.mlp = layer
+    layer.add_router()
+    with torch.no_grad():
+        for expert in layer.experts:
+            nn.init.normal_(expert.up.weight, std=0.3)
+        nn.init.normal_(layer.routers[0].gate.weight, std=1.0)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        layer.active_router = 0
+        got = block(x)
+        stream = x + reference.attention(reference.ln_1(x))
+        expected = stream + reference.mlp(reference.ln_2(stream))
+        logits = layer.routers[0].gate(stream[:, 0])
+        for sample in range(3):
+            values, indices = logits[sample].topk(2)
+            weights = torch.softmax(values, dim=-1)
+            for weight, index in zip(weights, indices.tolist()):
+                expert = layer.experts[index]
+                expected[sample] += 0.1 * weight * expert.up(torch.relu(expert.down(stream[sample])))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_hf_clip_towers_take_mixtures_and_stay_exact(tmp_path):
+    from clipcl.config import ModelConfig
+    from clipcl.models.tiny import write_tiny_hf_clip
+
+    directory = write_tiny_hf_clip(tmp_path / "hf", seed=0)
+    plain = build_backend(ModelConfig(backend="hf", name=str(directory))).eval()
+    backend = build_backend(ModelConfig(backend="hf", name=str(directory))).eval()
+    layers = inject_moe_adapters(backend, ("image", "text"), num_experts=3, top_k=2)
+    for layer in layers:
+        layer.add_router()
+    assert len(layers) == len(plain.image_blocks()) + len(plain.text_blocks())
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad(), active_router(layers, 0):
+        assert torch.equal(backend.encode_image(images), plain.encode_image(images))
+        assert torch.equal(backend.encode_texts(["a cat", "a dog"]), plain.encode_texts(["a cat", "a dog"]))
