@@ -231,3 +231,23 @@ def test_hf_clip_towers_take_mixtures_and_stay_exact(tmp_path):
     with torch.no_grad(), active_router(layers, 0):
         assert torch.equal(backend.encode_image(images), plain.encode_image(images))
         assert torch.equal(backend.encode_texts(["a cat", "a dog"]), plain.encode_texts(["a cat", "a dog"]))
+
+
+def test_ddas_trains_on_the_zero_shot_models_cached_features(tiny_run_config, tmp_path):
+    """The autoencoders' features are the zero-shot image features, stored under the zero-shot model's key."""
+    from clipcl.eval.cache import FeatureCache
+    from clipcl.eval.evaluator import image_features
+
+    strategy, stream = build(tiny_run_config(dict(MOE)))
+    cache = FeatureCache(tmp_path / "cache")
+    strategy.feature_cache = cache
+    task = stream.tasks[0]
+    train_task(strategy, task, steps=2)
+    seed_everything(0)
+    zero_shot = build_strategy(build_backend(tiny_run_config(dict(MOE)).model), {"name": "zero_shot"}).eval()
+    runtime = Runtime(torch.device("cpu"))
+    key = FeatureCache.make_key(zero_shot.image_cache_key(None), task.train.fingerprint(), "0/1")
+    cached = cache.get(key)
+    assert cached is not None  # written while fitting the task's autoencoder
+    fresh, _ = image_features(zero_shot, task.train, None, runtime, batch_size=128, cache=None)
+    torch.testing.assert_close(cached, fresh, rtol=0, atol=1e-6)

@@ -193,11 +193,14 @@ def test_shipped_configs_load_by_name():
     from clipcl.config import load_config, shipped_configs
 
     names = set(shipped_configs())
-    assert {"vr_lwf", "vr_lwf_zscl", "lwf", "zscl", "sit", "demo_multi_domain"} <= names
+    assert {"vr_lwf", "vr_lwf_zscl", "lwf", "zscl", "sit", "demo_multi_domain", "moe_adapters_mtil",
+            "moe_adapters_cil"} <= names
     for name in names:
         config = load_config(name)
         assert config.model.backend == "starter"
     assert load_config("vr_lwf", ["stream.num_tasks=5"]).stream.num_tasks == 5
     assert load_config("vr_lwf_zscl").strategy["variant"] == "zscl"
+    assert load_config("moe_adapters_mtil").strategy["num_experts"] == 22
+    assert load_config("moe_adapters_cil").strategy["routers"] == "shared"
     with pytest.raises(ConfigError, match="shipped configs: .*vr_lwf"):
         load_config("no_such_config")
