@@ -251,3 +251,17 @@ def test_ddas_trains_on_the_zero_shot_models_cached_features(tiny_run_config, tm
     assert cached is not None  # written while fitting the task's autoencoder
     fresh, _ = image_features(zero_shot, task.train, None, runtime, batch_size=128, cache=None)
     torch.testing.assert_close(cached, fresh, rtol=0, atol=1e-6)
+
+
+def test_resume_gives_the_same_results(tiny_run_config, tmp_path):
+    """Routers, autoencoders, thresholds and the frozen-expert marks come back from the checkpoint."""
+    from clipcl.run import run_experiment
+
+    section = dict(MOE, ddas_steps=20)
+    full = run_experiment(tiny_run_config(section, output_dir=str(tmp_path / "full")), show_progress=False)
+    config = tiny_run_config(section, output_dir=str(tmp_path / "resumed"))
+    assert run_experiment(config, show_progress=False, stop_after_task=0)["interrupted"]
+    resumed = run_experiment(config, show_progress=False)
+    assert resumed["accuracy"]["matrix"] == full["accuracy"]["matrix"]
+    assert resumed["strategy_report"]["parameters"] == full["strategy_report"]["parameters"]
+    assert resumed["strategy_report"]["routing"]["trained_tasks"] == full["strategy_report"]["routing"]["trained_tasks"]

@@ -308,7 +308,11 @@ class MoEAdapters(Strategy):
             heldout.append({"set": held.name, "images": len(routes),
                             "zero_shot": 100.0 * float((routes == ZERO_SHOT).float().mean())})
         report["routing"] = {"trained_tasks": per_task, "untrained_tasks": unseen, "heldout": heldout,
-                             "unit": "percent of test images", "autoencoders": self.ddas_fits}
+                             "unit": "percent of test images",
+                             "thresholds": [float(autoencoder.threshold) for autoencoder in self.selector.autoencoders],
+                             # Training losses of the autoencoders fitted in this process (a resumed run
+                             # lists only the tasks it trained itself).
+                             "autoencoders": self.ddas_fits}
         return report
 
 
