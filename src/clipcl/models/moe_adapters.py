@@ -30,7 +30,6 @@ which is how the strategy runs the zero-shot model without a copy.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -171,9 +170,6 @@ class MoEAdapter(PeftWrapper):
     def added_parameters(self) -> list[nn.Parameter]:
         return list(self.experts.parameters()) + list(self.routers.parameters())
 
-    def expert_parameters(self, index: int) -> list[nn.Parameter]:
-        return list(self.experts[index].parameters())
-
     def extra_repr(self) -> str:
         return (f"width={self.width}, layout={self.layout}, experts={self.num_experts}, top_k={self.top_k}, "
                 f"routers={len(self.routers)}, scale={self.scale:g}")
@@ -244,18 +240,13 @@ def inject_moe_adapters(backend, towers: tuple[str, ...], num_experts: int, top_
     """Wrap every site of ``towers`` with a :class:`MoEAdapter` (no routers yet); returns them in order."""
     layers = []
     for site in moe_sites(backend, towers):
-        base = getattr(site.parent, site.attribute) if not isinstance(site.parent, nn.ModuleList) \
-            else site.parent[int(site.attribute)]
+        base = getattr(site.parent, site.attribute)  # also a ModuleList's item: its name is its index
         layer = MoEAdapter(base, site.width, site.layout, num_experts, top_k, bottleneck, scale, dropout,
                            input_from=site.input_from)
         layer.tower = site.tower
         setattr(site.parent, site.attribute, layer)
         layers.append(layer)
     return layers
-
-
-def moe_layers(module: nn.Module) -> Iterator[MoEAdapter]:
-    return (child for child in module.modules() if isinstance(child, MoEAdapter))
 
 
 @contextmanager

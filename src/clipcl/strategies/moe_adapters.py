@@ -291,22 +291,17 @@ class MoEAdapters(Strategy):
         report: dict = {"parameters": self.parameter_report()}
         if self.selector is None:
             return report
-        per_task = []
-        for task in stream.tasks[: self.trained_tasks]:
-            routes = self.route_images(self._features_of(task.test))
-            own = self._router_for_task(task.index)
-            per_task.append({"task": task.name, "images": len(routes),
-                             "own_router": 100.0 * float((routes == own).float().mean()),
-                             "zero_shot": 100.0 * float((routes == ZERO_SHOT).float().mean())})
-        unseen = []
-        for task in stream.tasks[self.trained_tasks:]:
-            routes = self.route_images(self._features_of(task.test))
-            unseen.append({"task": task.name, "zero_shot": 100.0 * float((routes == ZERO_SHOT).float().mean())})
-        heldout = []
-        for held in stream.heldout:
-            routes = self.route_images(self._features_of(held.test))
-            heldout.append({"set": held.name, "images": len(routes),
-                            "zero_shot": 100.0 * float((routes == ZERO_SHOT).float().mean())})
+        def shares(dataset, own: int | None = None) -> dict:
+            routes = self.route_images(self._features_of(dataset))
+            share = {"images": len(routes), "zero_shot": 100.0 * float((routes == ZERO_SHOT).float().mean())}
+            if own is not None:
+                share["own_router"] = 100.0 * float((routes == own).float().mean())
+            return share
+
+        per_task = [{"task": task.name, **shares(task.test, self._router_for_task(task.index))}
+                    for task in stream.tasks[: self.trained_tasks]]
+        unseen = [{"task": task.name, **shares(task.test)} for task in stream.tasks[self.trained_tasks:]]
+        heldout = [{"set": held.name, **shares(held.test)} for held in stream.heldout]
         report["routing"] = {"trained_tasks": per_task, "untrained_tasks": unseen, "heldout": heldout,
                              "unit": "percent of test images",
                              "thresholds": [float(autoencoder.threshold) for autoencoder in self.selector.autoencoders],
