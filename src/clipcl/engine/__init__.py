@@ -1,0 +1,1 @@
+"""The engine: one trainer for every stream, the runtime, the run."""
