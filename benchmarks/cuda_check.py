@@ -30,7 +30,7 @@ from clipcl.models import build_backend
 from clipcl.models.tiny import write_tiny_open_clip_config
 from clipcl.run import run_experiment
 from clipcl.strategies import build_strategy
-from clipcl.train.runtime import Runtime
+from clipcl.engine.runtime import Runtime
 
 STRATEGIES = [
     {"name": "finetune", "train": "all"},

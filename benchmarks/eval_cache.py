@@ -26,7 +26,7 @@ from clipcl.models import build_backend
 from clipcl.run import seed_everything, task_seed
 from clipcl.strategies import build_strategy
 from clipcl.train.loop import train_task
-from clipcl.train.runtime import Runtime
+from clipcl.engine.runtime import Runtime
 
 
 def main() -> None:

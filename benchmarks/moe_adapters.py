@@ -37,7 +37,7 @@ from clipcl.models import build_backend
 from clipcl.run import seed_everything, task_seed
 from clipcl.strategies import build_strategy
 from clipcl.train.loop import train_task
-from clipcl.train.runtime import Runtime
+from clipcl.engine.runtime import Runtime
 
 # name: (strategy section, learning rate). Fine-tuning and ZSCL use the rate of the other starter
 # benchmarks. MoE-Adapters' rate was chosen before this benchmark ran, by the training loss on

@@ -75,7 +75,7 @@ def main() -> None:
         strategy, optimizer = strategies[name], optimizers[name]
         strategy.train()
         started = time.perf_counter()
-        loss = strategy(images, targets, task)["loss"]
+        loss = strategy({"images": images, "targets": targets}, task)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

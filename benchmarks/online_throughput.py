@@ -28,7 +28,7 @@ from clipcl.config import RunConfig, from_dict
 from clipcl.models import build_backend
 from clipcl.online import build_online_stream, train_online
 from clipcl.strategies import build_strategy
-from clipcl.train.runtime import Runtime
+from clipcl.engine.runtime import Runtime
 
 
 def main() -> None:

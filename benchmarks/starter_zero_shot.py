@@ -28,7 +28,7 @@ from clipcl.eval.evaluator import predict
 from clipcl.models.starter import DEFAULT_IMAGE_SIZE, StarterBackend
 from clipcl.strategies.base import class_text_features
 from clipcl.strategies.zero_shot import ZeroShot, ZeroShotConfig
-from clipcl.train.runtime import Runtime
+from clipcl.engine.runtime import Runtime
 
 
 def imagenet_logits(backend: StarterBackend, dataset, batch_size: int = 64) -> tuple[torch.Tensor, float]:

@@ -113,7 +113,7 @@ def main() -> None:
                 started = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss = strategy(images, targets, task)["loss"]
+                    loss = strategy({"images": images, "targets": targets}, task)["loss"]
                 if scaler is None:
                     loss.backward()
                     optimizer.step()

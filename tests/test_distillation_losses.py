@@ -13,7 +13,9 @@ import torch
 from clipcl.config import StreamConfig
 from clipcl.data.base import DataError
 from clipcl.data.resources import classnames_and_templates
+from clipcl.data.sources import ReferenceSource
 from clipcl.data.streams import build_stream
+from clipcl.engine.runtime import Runtime
 from clipcl.models.tiny import tiny_open_clip_backend
 from clipcl.run import run_experiment
 from clipcl.strategies.vr_lwf import VRLwF, VRLwFConfig, random_token_texts
@@ -88,7 +90,7 @@ def test_vr_lwf_loss_matches_independent_computation(stream):
     images, targets = batch(backend, second)
     state = strategy._generator.get_state()
     with torch.no_grad():
-        outputs = strategy(images, targets, second)
+        outputs = strategy({"images": images, "targets": targets}, second)
         tokens = random_token_texts(backend, 100, 8, torch.Generator().set_state(state))
 
         student_images, teacher_images = unit(backend.encode_image(images)), unit(teacher.encode_image(images))
@@ -121,7 +123,7 @@ def test_vr_lwf_zscl_variant_draws_one_vocabulary_per_task(stream):
     perturb(backend, seed=3)
     images, targets = batch(backend, task)
     with torch.no_grad():
-        outputs = strategy(images, targets, task)
+        outputs = strategy({"images": images, "targets": targets}, task)
         assert torch.equal(strategy._fixed_tokens, tokens)
         pseudo = unit(teacher.encode_text(tokens))  # ZSCL's code: the teacher encodes the texts
         student = backend.logit_scale.exp() * unit(backend.encode_image(images)) @ pseudo.t()
@@ -134,6 +136,13 @@ def test_vr_lwf_zscl_variant_draws_one_vocabulary_per_task(stream):
 # --- ZSCL ---------------------------------------------------------------------------------------
 
 
+def with_sources(strategy):
+    """The strategy with its declared sources built and attached, as the engine does."""
+    built = {name: ReferenceSource(spec, root=None) for name, spec in strategy.sources().items()}
+    strategy.attach(Runtime(torch.device("cpu")), None, built)
+    return strategy
+
+
 @pytest.mark.parametrize("distill_text_tower", [False, True])
 def test_zscl_loss_matches_independent_computation(stream, distill_text_tower):
     torch.manual_seed(0)
@@ -143,16 +152,18 @@ def test_zscl_loss_matches_independent_computation(stream, distill_text_tower):
     config = ZSCLConfig(name="zscl", reference_dataset="synthetic-9", reference_samples=20,
                         reference_texts_dataset="cifar10", distill_text_tower=distill_text_tower)
     strategy = ZSCL(backend, config)
+    # The engine builds the declared reference source and draws a batch of it for every step.
+    source = ReferenceSource(strategy.sources()["reference"], root=None)
+    strategy.attach(Runtime(torch.device("cpu")), None, {"reference": source})
     perturb(backend, seed=4)  # weights after earlier tasks: the task starts away from zero-shot
     strategy.before_task(task)
     anchors = {name: p.detach().clone() for name, p in backend.named_parameters() if p.requires_grad}
     perturb(backend, seed=5)  # some training on this task
     images, targets = batch(backend, task)
-    state = strategy._generator.get_state()
+    source.start(backend, seed=123, count=len(images))
+    reference = source.next_batch()["images"]
     with torch.no_grad():
-        outputs = strategy(images, targets, task)
-        strategy._generator.set_state(state)
-        reference = strategy.reference_images(len(images))  # the same draw as inside forward
+        outputs = strategy({"images": images, "targets": targets, "reference": {"images": reference}}, task)
 
         classnames, templates = classnames_and_templates("cifar10")
         texts = backend.tokenize([templates[0].format(name) for name in classnames])
@@ -179,8 +190,8 @@ def test_zscl_weight_average_is_the_mean_of_start_and_folded_weights(stream):
     torch.manual_seed(0)
     task = stream.tasks[0]
     backend = tiny_open_clip_backend(seed=0)
-    strategy = ZSCL(backend, ZSCLConfig(name="zscl", reference_dataset="synthetic-9", reference_samples=8,
-                                        reference_texts_dataset="cifar10", average_every=2))
+    strategy = with_sources(ZSCL(backend, ZSCLConfig(name="zscl", reference_dataset="synthetic-9", reference_samples=8,
+                                                     reference_texts_dataset="cifar10", average_every=2)))
     strategy.before_task(task)
     parameter = backend.model.visual.proj
     snapshots = [parameter.detach().clone()]
@@ -194,7 +205,7 @@ def test_zscl_weight_average_is_the_mean_of_start_and_folded_weights(stream):
 
 
 def test_zscl_refuses_a_reference_dataset_from_the_stream(stream):
-    strategy = ZSCL(tiny_open_clip_backend(seed=0), ZSCLConfig(name="zscl", reference_dataset="synthetic-1"))
+    strategy = with_sources(ZSCL(tiny_open_clip_backend(seed=0), ZSCLConfig(name="zscl", reference_dataset="synthetic-1")))
     strategy.before_task(stream.tasks[0])
     strategy.after_task(stream.tasks[0])
     with pytest.raises(DataError, match="also a task of the stream"):
@@ -234,8 +245,8 @@ def test_teachers_stay_out_of_the_state_dict(stream):
     keys = {f"backend.{key}" for key in backend.state_dict()}
     count = sum(p.numel() for p in backend.parameters())
     for strategy in (VRLwF(backend, VRLwFConfig(name="vr_lwf", pseudo_texts=4)),
-                     ZSCL(backend, ZSCLConfig(name="zscl", reference_dataset="synthetic-9", reference_samples=4,
-                                              reference_texts_dataset="cifar10"))):
+                     with_sources(ZSCL(backend, ZSCLConfig(name="zscl", reference_dataset="synthetic-9",
+                                                           reference_samples=4, reference_texts_dataset="cifar10")))):
         strategy.before_task(stream.tasks[0])
         assert set(strategy.state_dict()) == keys
         assert sum(p.numel() for p in strategy.parameters()) == count
@@ -259,11 +270,13 @@ def test_zscl_reference_cache_changes_nothing(stream):
     batches = []
     for cache_mb in (0, 64):
         torch.manual_seed(0)
-        strategy = ZSCL(tiny_open_clip_backend(seed=0),
+        strategy = with_sources(ZSCL(tiny_open_clip_backend(seed=0),
                         ZSCLConfig(name="zscl", reference_dataset="synthetic-9", reference_samples=12,
-                                   reference_texts_dataset="cifar10", reference_cache_mb=cache_mb))
+                                   reference_texts_dataset="cifar10", reference_cache_mb=cache_mb)))
         strategy.before_task(task)
-        batches.append([strategy.reference_images(8) for _ in range(3)])  # 24 draws from 12 images
-        assert bool(strategy._reference_cache) == (cache_mb > 0)
+        source = strategy.source_data["reference"]
+        source.start(strategy.backend, seed=0, count=8)
+        batches.append([source.next_batch()["images"] for _ in range(3)])  # 24 draws from 12 images
+        assert bool(source._images.cache) == (cache_mb > 0)
     for cached, uncached in zip(*batches):
         assert torch.equal(cached, uncached)

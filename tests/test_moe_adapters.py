@@ -5,13 +5,13 @@ import torch
 from torch import nn
 
 from clipcl.data.streams import build_stream
+from clipcl.engine.runtime import Runtime
 from clipcl.eval.evaluator import predict
 from clipcl.models import build_backend
 from clipcl.models.moe_adapters import MoEAdapter, active_router, inject_moe_adapters
 from clipcl.run import seed_everything
 from clipcl.strategies import build_strategy
 from clipcl.strategies.ddas import ZERO_SHOT, DistributionSelector
-from clipcl.train.runtime import Runtime
 
 MOE = {"name": "moe_adapters", "num_experts": 6, "top_k": 2, "ddas_steps": 60, "ddas_hidden": 8}
 

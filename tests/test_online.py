@@ -7,10 +7,10 @@ import torch
 
 from clipcl.config import StreamConfig
 from clipcl.data.base import DataError
+from clipcl.data.memory import ReservoirMemory
 from clipcl.data.streams import build_stream
 from clipcl.models.tiny import tiny_open_clip_backend
 from clipcl.run import RunError, run_experiment
-from clipcl.strategies.er import ERConfig, ExperienceReplay
 from clipcl.strategies.finetune import Finetune, FinetuneConfig
 
 ONLINE = {"protocol": "si_blurry", "datasets": ["synthetic-0", "synthetic-1"], "num_tasks": 3,
@@ -68,7 +68,7 @@ def test_sit_batch_label_space_on_a_hand_built_batch():
     strategy = Finetune(backend, FinetuneConfig(name="finetune", label_space="batch"))
     strategy.before_task(task)
     with torch.no_grad():
-        loss = strategy(images, targets, task)["loss"]
+        loss = strategy({"images": images, "targets": targets}, task)["loss"]
         image_features = backend.encode_image(images)
         image_features = image_features / image_features.norm(dim=-1, keepdim=True)
         prompts = backend.tokenize([task.classes[i].templates[0].format(task.classes[i].name) for i in (1, 3)])
@@ -78,24 +78,23 @@ def test_sit_batch_label_space_on_a_hand_built_batch():
         expected = torch.nn.functional.cross_entropy(logits, torch.tensor([1, 0, 1]))
         everything = Finetune(backend, FinetuneConfig(name="finetune"))
         everything.before_task(task)
-        all_seen = everything(images, targets, task)["loss"]
+        all_seen = everything({"images": images, "targets": targets}, task)["loss"]
     assert abs(loss.item() - expected.item()) < 1e-5
     assert abs(all_seen.item() - loss.item()) > 1e-4  # the 6-class loss differs
 
 
 def test_er_reservoir_keeps_a_bounded_uniform_memory():
-    backend = tiny_open_clip_backend(seed=0)
-    strategy = ExperienceReplay(backend, ERConfig(name="er", memory_size=10))
-    generator = torch.Generator().manual_seed(0)
+    memory = ReservoirMemory(10, seed=0)
     counts = torch.zeros(200)
     for start in range(0, 200, 8):
-        replayed = strategy.replay_indices(8, generator)
-        assert len(replayed) == min(8, len(strategy.memory))
-        assert set(replayed) <= set(strategy.memory)
-        strategy.observe(list(range(start, start + 8)), [0] * 8)
-        assert len(strategy.memory) == min(10, start + 8) and len(set(strategy.memory)) == len(strategy.memory)
-    for index in strategy.memory:
+        replayed = memory.sample(8)
+        assert len(replayed) == min(8, len(memory))
+        assert set(replayed) <= set(memory.items)
+        memory.add([(0, index) for index in range(start, start + 8)], [0] * 8)
+        assert len(memory) == min(10, start + 8) and len(set(memory.items)) == len(memory)
+    indices = [index for _, index in memory.items]
+    for index in indices:
         counts[index] += 1
-    assert strategy.seen == 200 and all(0 <= index < 200 for index in strategy.memory)
+    assert memory.seen == 200 and all(0 <= index < 200 for index in indices)
     # Not simply the first or the last ten samples.
-    assert sorted(strategy.memory) != list(range(10)) and sorted(strategy.memory) != list(range(190, 200))
+    assert sorted(indices) != list(range(10)) and sorted(indices) != list(range(190, 200))

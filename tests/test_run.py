@@ -12,12 +12,12 @@ from clipcl.cli import main
 from clipcl.config import ConfigError, config_fingerprint, load_config
 from clipcl.data.base import SubsetDataset
 from clipcl.data.streams import build_stream
+from clipcl.engine.runtime import Runtime
 from clipcl.eval.cache import FeatureCache
 from clipcl.eval.evaluator import evaluate_row, predict
 from clipcl.models import build_backend
 from clipcl.run import RunError, run_experiment, seed_everything
 from clipcl.strategies import build_strategy
-from clipcl.train.runtime import Runtime
 
 FINETUNE = {"name": "finetune", "train": "all"}
 

@@ -60,9 +60,9 @@ def test_zero_shot_is_clearly_above_chance_on_fashion_mnist(starter):
     # test set measured 24.8%; 18% is more than three binomial standard deviations below that.
     from clipcl.data.registry import load_dataset
     from clipcl.data.streams import balanced_subset, heldout_set
+    from clipcl.engine.runtime import Runtime
     from clipcl.eval.evaluator import predict
     from clipcl.strategies.zero_shot import ZeroShot, ZeroShotConfig
-    from clipcl.train.runtime import Runtime
 
     held = heldout_set(balanced_subset(load_dataset("fashion_mnist", "test"), 500, seed=0))
     strategy = ZeroShot(starter, ZeroShotConfig(name="zero_shot"))

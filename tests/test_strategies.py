@@ -8,6 +8,8 @@ import torch
 from clipcl.checkpoint import load_checkpoint, save_checkpoint, snapshot_state
 from clipcl.config import config_fingerprint
 from clipcl.data.streams import build_stream
+from clipcl.engine.runtime import Runtime
+from clipcl.engine.tasks import standalone_context
 from clipcl.models import build_backend
 from clipcl.run import run_experiment, seed_everything
 from clipcl.strategies import STRATEGIES, build_strategy
@@ -39,10 +41,24 @@ def test_every_strategy_is_in_the_matrix():
 
 
 def build(config):
+    """The strategy and stream of ``config``, with the strategy's sources built and attached."""
     seed_everything(config.seed)
     backend = build_backend(config.model)
     stream = build_stream(config.stream, config.seed)
-    return build_strategy(backend, config.strategy), stream
+    strategy = build_strategy(backend, config.strategy)
+    standalone_context(config, strategy, stream, Runtime(torch.device("cpu")), None)
+    return strategy, stream
+
+
+def batch_of(strategy, images, targets):
+    """A training batch as the engine gives it: with a draw of every per-step reference source."""
+    batch = {"images": images, "targets": targets}
+    for name, source in strategy.source_data.items():
+        if source.spec.per_step:
+            if not source.started:
+                source.start(strategy.backend, seed=0, count=len(images))
+            batch[name] = source.next_batch()
+    return batch
 
 
 @pytest.mark.parametrize("case, section, trains", CASES, ids=[case[0] for case in CASES])
@@ -71,7 +87,7 @@ def test_overfits_one_batch_and_leaves_frozen_parameters(case, section, trains, 
     strategy.train()
     losses = []
     for _ in range(30):
-        loss = strategy(images, targets, task)["loss"]
+        loss = strategy(batch_of(strategy, images, targets), task)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -97,7 +113,7 @@ def test_checkpoint_round_trip(case, section, trains, tiny_run_config, tmp_path)
         images = torch.stack([view[i][0] for i in range(8)])
         targets = torch.tensor([view[i][1] for i in range(8)])
         optimizer = torch.optim.SGD(strategy.trainable_parameters(), lr=0.1)
-        strategy(images, targets, task)["loss"].backward()
+        strategy(batch_of(strategy, images, targets), task)["loss"].backward()
         optimizer.step()
     strategy.after_task(task)
     path = tmp_path / "after_task_00.safetensors"

@@ -15,6 +15,8 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from clipcl.engine.observers import ObserveConfig
+
 
 class ConfigError(ValueError):
     """A bad configuration. The message is one line naming the key and what is allowed."""
@@ -98,8 +100,11 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     """Clip gradients to this norm (None: no clipping)."""
     online_iter: int = 1
-    """si_blurry: optimiser steps on each incoming batch (Si-Blurry's ``online_iter``). Online runs use
-    a constant learning rate (no schedule: the stream has no known end)."""
+    """si_blurry: optimiser steps on each incoming batch (Si-Blurry's ``online_iter``)."""
+    lr_schedule: str | None = None
+    """``cosine`` (linear warm-up, then cosine decay to zero over each experience's steps) or
+    ``constant`` (warm-up, then the peak rate). None: cosine for task streams, constant for online
+    streams (whose end the learner is not told; the online schedule spans the stream's length)."""
 
 
 @dataclass
@@ -136,6 +141,8 @@ class RunConfig:
     """``name`` picks the strategy; the other keys are that strategy's Config fields."""
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    observe: ObserveConfig = field(default_factory=ObserveConfig)
+    """Progress bars and experiment trackers (TensorBoard, W&B, MLflow); never changes a number."""
     seed: int = 0
     """Seeds class order, subsets, initialisation noise and data order."""
     output_dir: str = "runs/run"
@@ -296,4 +303,5 @@ def config_fingerprint(config: RunConfig) -> str:
     data.pop("output_dir", None)
     data.pop("name", None)
     data["eval"] = {}  # evaluation settings never change the trained weights
+    data.pop("observe", None)  # observers only read events
     return json.dumps(data, sort_keys=True)

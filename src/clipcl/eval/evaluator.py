@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 
 from clipcl.data.base import ClassificationDataset
 from clipcl.data.streams import ClassText, LabelledView, Stream
+from clipcl.engine.runtime import Runtime
 from clipcl.eval.cache import FeatureCache
 from clipcl.strategies.base import Strategy
-from clipcl.train.runtime import Runtime
 
 
 class _ImagesOnly(torch.utils.data.Dataset):

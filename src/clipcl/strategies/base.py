@@ -1,11 +1,16 @@
 """The strategy contract.
 
 A strategy is an ``nn.Module`` that owns the backend and whatever else the method needs (teachers,
-memories, adapters). The loop calls, per task: ``before_task`` -> (optimizer over
-``trainable_parameters()``) -> ``forward`` for each batch, which returns losses -> ``after_step`` ->
-``after_task``; then the evaluator calls ``encode_images`` / ``encode_classes``. Strategies never call
-``backward`` or ``optimizer.step``: the loop does, so mixed precision, accumulation and data
-parallelism live in one place.
+adapters). The engine calls, per experience (a task, or an online stream): ``before_task`` ->
+(optimizer over ``trainable_parameters()``) -> ``forward(batch, experience)`` for each micro-batch,
+which returns losses -> ``after_step`` -> ``after_task``; then the evaluator calls ``encode_images`` /
+``encode_classes``. A batch is a dict: ``images``, ``targets`` (indices into ``experience.classes``),
+``labels`` (dataset labels), plus one entry per source the method declares in :meth:`sources`
+(``replay``: replayed ``images`` with their ``classes``; a reference set: its ``images``). Methods
+never call ``backward``, ``optimizer.step`` or ``torch.distributed``, and never open a dataset: the
+engine does, so mixed precision, accumulation, data parallelism and data loading live in one place.
+What a method needs from the engine (the runtime, the feature cache, its built sources) it finds on
+``self.runtime``, ``self.feature_cache`` and ``self.source_data`` once :meth:`attach` has run.
 """
 
 from __future__ import annotations
@@ -82,20 +87,35 @@ class Strategy(nn.Module):
     Config = StrategyConfig
     #: Whether the method needs to be told where tasks start and end.
     needs_task_boundaries: bool = True
-    #: The run's image-feature cache (set by the runner), for methods that encode datasets themselves.
+    #: The run's image-feature cache (set by :meth:`attach`), for methods that encode datasets themselves.
     feature_cache = None
+    #: The run's runtime (set by :meth:`attach`): cross-process sums and inner fits go through it.
+    runtime = None
 
     def __init__(self, backend: Backend, config: StrategyConfig) -> None:
         super().__init__()
         self.backend = backend
         self.config = config
+        self.source_data: dict = {}
+
+    def sources(self) -> dict:
+        """The batch sources this method needs, by name: ``clipcl.data.sources.ReferenceSpec`` or
+        ``clipcl.data.memory.ReplaySpec`` (at most one replay memory, named ``replay``)."""
+        return {}
+
+    def attach(self, runtime, feature_cache, source_data: dict) -> None:
+        """Called by the engine once, before the first experience: the runtime, the feature cache and
+        the built sources (``ReferenceSource`` objects by name; the replay memory is the engine's)."""
+        self.runtime = runtime
+        self.feature_cache = feature_cache
+        self.source_data = dict(source_data)
 
     # --- the loop's hooks ----------------------------------------------------------------------
     def before_task(self, task: Task) -> None:
         """Grow, freeze or snapshot before training on ``task``."""
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor, task: Task) -> dict[str, torch.Tensor]:
-        """Return ``{"loss": scalar, ...}`` for a batch of ``task`` (targets index ``task.classes``)."""
+    def forward(self, batch: dict, task: Task) -> dict[str, torch.Tensor]:
+        """Return ``{"loss": scalar, ...}`` for a micro-batch of ``task`` (see the module docstring)."""
         raise NotImplementedError(f"{type(self).__name__} does not train")
 
     def after_step(self, step: int) -> None:
@@ -104,16 +124,16 @@ class Strategy(nn.Module):
     def after_task(self, task: Task) -> None:
         """Consolidate, merge or calibrate after training on ``task``."""
 
-    # --- online streams (clipcl.online), for strategies with needs_task_boundaries = False --------
+    # --- online streams, for strategies with needs_task_boundaries = False -------------------------
     def on_new_classes(self, task: Task) -> None:
         """Online: ``task.classes`` (all classes seen so far) just grew."""
 
-    def replay_indices(self, count: int, generator: torch.Generator) -> list[int]:
-        """Online: training-set indices to add to the incoming batch (a rehearsal memory)."""
-        return []
+    def online_state(self) -> dict[str, torch.Tensor]:
+        """Tensors outside the state dict that a mid-stream resume needs (e.g. a refreshed teacher)."""
+        return {}
 
-    def observe(self, indices, labels) -> None:
-        """Online: the incoming batch's training-set indices and labels, after ``replay_indices``."""
+    def load_online_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`online_state` saved."""
 
     def restore_structure(self, completed: list[Task]) -> None:
         """Rebuild modules that earlier tasks added, before a checkpoint is loaded on resume."""

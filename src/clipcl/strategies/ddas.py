@@ -40,21 +40,18 @@ class FeatureAutoencoder(nn.Module):
 
 
 def fit_autoencoder(autoencoder: FeatureAutoencoder, features: torch.Tensor, steps: int, lr: float,
-                    batch_size: int, seed: int) -> list[float]:
-    """Train on ``features`` with Adam (seeded mini-batches); returns the first and last batch losses."""
+                    batch_size: int, seed: int, runtime) -> list[float]:
+    """Train on ``features`` with Adam (seeded mini-batches) through ``runtime.fit``, which owns the
+    optimizer and the gradient average over processes; returns the first and last batch losses."""
     if len(features) == 0:
         raise ValueError("DDAS: no features to train an autoencoder on")
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(autoencoder.parameters(), lr=lr)
-    losses = []
-    with torch.enable_grad():
-        for _ in range(steps):
-            rows = torch.randint(len(features), (min(batch_size, len(features)),), generator=generator)
-            loss = autoencoder.errors(features[rows.to(features.device)]).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+
+    def loss_of_step(step: int) -> torch.Tensor:
+        rows = torch.randint(len(features), (min(batch_size, len(features)),), generator=generator)
+        return autoencoder.errors(features[rows.to(features.device)]).mean()
+
+    losses = runtime.fit(autoencoder, loss_of_step, steps, lr)
     autoencoder.requires_grad_(False)
     return [losses[0], losses[-1]]
 
@@ -80,22 +77,23 @@ class DistributionSelector(nn.Module):
         return autoencoder
 
     def fit_task(self, train_features: torch.Tensor, calibration_features: torch.Tensor, *, steps: int,
-                 lr: float, batch_size: int, quantile: float, seed: int) -> dict[str, float]:
+                 lr: float, batch_size: int, quantile: float, seed: int, runtime) -> dict[str, float]:
         """Add and train the next task's autoencoder; set its threshold from held-out features."""
         autoencoder = self.add_task()
         autoencoder.requires_grad_(True)
-        first, last = fit_autoencoder(autoencoder, train_features, steps, lr, batch_size, seed)
+        first, last = fit_autoencoder(autoencoder, train_features, steps, lr, batch_size, seed, runtime)
         with torch.no_grad():
             held_out = autoencoder.errors(calibration_features if len(calibration_features) else train_features)
             autoencoder.threshold.fill_(float(torch.quantile(held_out.double(), quantile)))
         return {"first_loss": first, "last_loss": last, "threshold": float(autoencoder.threshold),
                 "calibration_images": len(calibration_features)}
 
-    def fit_reference(self, features: torch.Tensor, *, steps: int, lr: float, batch_size: int, seed: int) -> None:
+    def fit_reference(self, features: torch.Tensor, *, steps: int, lr: float, batch_size: int, seed: int,
+                      runtime) -> None:
         if self.reference is None:
             raise RuntimeError("DistributionSelector.fit_reference: built without a reference autoencoder")
         self.reference.requires_grad_(True)
-        fit_autoencoder(self.reference, features, steps, lr, batch_size, seed)
+        fit_autoencoder(self.reference, features, steps, lr, batch_size, seed, runtime)
         self.reference_trained.fill_(True)
 
     @torch.no_grad()

@@ -1,13 +1,13 @@
-"""Experience replay (ER) with a reservoir memory, for online streams (Chaudhry et al. 2019).
+"""Experience replay (ER) with a reservoir memory (Chaudhry et al. 2019).
 
-The memory keeps at most ``memory_size`` training samples (as indices into the training set). Every
-incoming batch is trained together with as many samples drawn uniformly from the memory (fewer while
-the memory is smaller), then the incoming samples enter the memory by reservoir sampling (Vitter
-1985): the n-th sample seen replaces a random slot with probability ``memory_size / n``, so the memory
-is always a uniform sample of the stream so far. The loss is fine-tuning's, over every class seen so
-far. ``memory_size: 0`` is plain online fine-tuning.
-
-Draws use the generator the online loop passes (seeded by the run), so runs repeat exactly.
+The method declares a replay memory of ``memory_size`` samples (``clipcl.data.memory``); the engine
+keeps it and adds to every incoming batch as many samples drawn uniformly from it (fewer while it is
+smaller), then offers the incoming samples to it by reservoir sampling (Vitter 1985): the n-th
+sample seen replaces a random slot with probability ``memory_size / n``, so the memory is always a
+uniform sample of the stream so far. The loss is fine-tuning's over the incoming and replayed
+samples together, on the current label space (every class seen so far, in an online stream) plus
+the classes of replayed samples it lacks (earlier tasks, in a task stream). ``memory_size: 0`` is
+plain fine-tuning. ``memory: class_balanced`` keeps classes equal instead (GDumb's balancer).
 """
 
 from __future__ import annotations
@@ -16,13 +16,18 @@ from dataclasses import dataclass
 
 import torch
 
+from clipcl.data.memory import ReplaySpec
+from clipcl.losses import classification_loss, clip_logits
+from clipcl.strategies.base import class_text_features
 from clipcl.strategies.finetune import Finetune, FinetuneConfig
 
 
 @dataclass
 class ERConfig(FinetuneConfig):
     memory_size: int = 500
-    """Samples kept in the rehearsal memory (0: no memory, plain online fine-tuning)."""
+    """Samples kept in the rehearsal memory (0: no memory, plain fine-tuning)."""
+    memory: str = "reservoir"
+    """``reservoir`` (a uniform sample of the stream) or ``class_balanced``."""
 
 
 class ExperienceReplay(Finetune):
@@ -32,28 +37,29 @@ class ExperienceReplay(Finetune):
     def __init__(self, backend, config: ERConfig) -> None:
         if config.memory_size < 0:
             raise ValueError(f"strategy.memory_size must be >= 0, got {config.memory_size}")
+        if config.label_space != "task":
+            raise ValueError("strategy.label_space: er trains on the current label space; only 'task' is supported")
         super().__init__(backend, config)
-        self.memory: list[int] = []
-        self.seen = 0  # samples observed so far (the reservoir's n)
-        self._generator: torch.Generator | None = None
 
-    def replay_indices(self, count: int, generator: torch.Generator) -> list[int]:
-        self._generator = generator
-        if not self.memory or count <= 0:
-            return []
-        picks = torch.randperm(len(self.memory), generator=generator)[: min(count, len(self.memory))]
-        return [self.memory[int(pick)] for pick in picks]
+    def sources(self) -> dict:
+        return {"replay": ReplaySpec(capacity=self.config.memory_size, kind=self.config.memory)}
 
-    def observe(self, indices, labels) -> None:
-        capacity = self.config.memory_size
-        generator = self._generator or torch.Generator().manual_seed(0)
-        for index in indices:
-            self.seen += 1
-            if len(self.memory) < capacity:
-                self.memory.append(int(index))
-                continue
-            if capacity == 0:
-                continue
-            slot = int(torch.randint(0, self.seen, (1,), generator=generator))
-            if slot < capacity:
-                self.memory[slot] = int(index)
+    def forward(self, batch, task):
+        replay = batch.get("replay")
+        images, targets = batch["images"], batch["targets"]
+        text_features = self.task_text_features(task)
+        if replay is not None and len(replay["classes"]):
+            classes = list(task.classes)
+            position = {class_text: index for index, class_text in enumerate(classes)}
+            extra = [class_text for class_text in dict.fromkeys(replay["classes"]) if class_text not in position]
+            for class_text in extra:
+                position[class_text] = len(position)
+            if extra:  # classes of earlier tasks that the current label space lacks
+                text_features = torch.cat([text_features, class_text_features(self.backend, extra, ensemble=False)])
+            replay_targets = torch.tensor([position[class_text] for class_text in replay["classes"]],
+                                          dtype=torch.long, device=targets.device)
+            images = torch.cat([images, replay["images"].to(images.dtype)])
+            targets = torch.cat([targets, replay_targets])
+        logits = clip_logits(self.backend.encode_image(images), text_features, self.backend.logit_scale)
+        loss = classification_loss(logits, targets, self.config.label_smoothing)
+        return {"loss": loss, "accuracy": (logits.argmax(dim=-1) == targets).float().mean().detach()}

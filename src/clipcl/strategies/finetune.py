@@ -141,7 +141,8 @@ class Finetune(Strategy):
             features = class_text_features(self.backend, [task.classes[int(i)] for i in present], ensemble=False)
         return features, torch.searchsorted(present, targets)
 
-    def forward(self, images, targets, task):
+    def forward(self, batch, task):
+        images, targets = batch["images"], batch["targets"]
         image_features = self.backend.encode_image(images)
         if self.config.label_space == "batch":
             text_features, targets = self.batch_label_space(task, targets)

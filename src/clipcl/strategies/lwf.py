@@ -81,7 +81,21 @@ class LwF(Finetune):
             self._teacher = Teacher(self.backend)
             self._teacher_text = self._teacher.class_features(self._task.classes)
 
-    def forward(self, images, targets, task):
+    def online_state(self) -> dict[str, torch.Tensor]:
+        # A refreshed teacher is the model of some earlier step, which no checkpoint holds otherwise.
+        if self.config.teacher_refresh_every is None or self._teacher is None:
+            return {}
+        return {f"teacher.{name}": tensor for name, tensor in self._teacher.backend.state_dict().items()}
+
+    def load_online_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if not tensors or self._teacher is None:
+            return
+        self._teacher.backend.load_state_dict({name[len("teacher."):]: tensor for name, tensor in tensors.items()})
+        if self._task is not None:
+            self._teacher_text = self._teacher.class_features(self._task.classes)
+
+    def forward(self, batch, task):
+        images, targets = batch["images"], batch["targets"]
         if self._teacher is None:
             raise RuntimeError("LwF.forward called before before_task")
         image_features = normalize(self.backend.encode_image(images))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from clipcl.data.sources import ReferenceSpec
 from clipcl.losses import classification_loss, clip_logits, normalize
 from clipcl.models.moe_adapters import MoEAdapter, active_router, inject_moe_adapters
 from clipcl.strategies.base import Strategy, StrategyConfig, class_text_features, hash_module
@@ -144,7 +145,8 @@ class MoEAdapters(Strategy):
                 current.requires_grad_(index == router)
         self._apply_freezing()
 
-    def forward(self, images, targets, task):
+    def forward(self, batch, task):
+        images, targets = batch["images"], batch["targets"]
         with active_router(self.layers, self._router_for_task(task.index), training=True):
             image_features = normalize(self.backend.encode_image(images))
             text_features = class_text_features(self.backend, task.classes, ensemble=False)
@@ -154,10 +156,9 @@ class MoEAdapters(Strategy):
 
     def after_task(self, task) -> None:
         count = self.config.freeze_experts_per_task
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Each process counted its own shard of the task: sum, so every process freezes the same experts.
-            for layer in self.layers:
-                torch.distributed.all_reduce(layer.selection_counts)
+        # Each process counted its own shard of the task: sum, so every process freezes the same experts.
+        for layer in self.layers:
+            self.runtime.all_reduce_sum(layer.selection_counts)
         if count:
             for layer in self.layers:
                 # The experts this task's router chose most often (counted per sample, as the official
@@ -177,12 +178,11 @@ class MoEAdapters(Strategy):
 
     def _features_of(self, dataset) -> torch.Tensor:
         from clipcl.eval.evaluator import image_features
-        from clipcl.train.runtime import Runtime
 
         view = _FrozenImages(self)
         # Every process computes all features (no sharding), so all processes fit the same autoencoders.
-        runtime = Runtime(self.backend.device)
-        features, _ = image_features(view, dataset, None, runtime, batch_size=128, cache=self.feature_cache)
+        features, _ = image_features(view, dataset, None, self.runtime.unsharded(), batch_size=128,
+                                     cache=self.feature_cache)
         return features.float()
 
     def _fit_task_autoencoder(self, task) -> None:
@@ -193,20 +193,21 @@ class MoEAdapters(Strategy):
         calibration, train = features[order[:held]], features[order[held:]]
         fit = self.selector.fit_task(train, calibration, steps=config.ddas_steps, lr=config.ddas_lr,
                                      batch_size=config.ddas_batch_size, quantile=config.ddas_quantile,
-                                     seed=2000 + task.index)
+                                     seed=2000 + task.index, runtime=self.runtime)
         self.ddas_fits.append({"task": task.name, **fit})
 
-    def _fit_reference(self) -> None:
-        from clipcl.data.base import SubsetDataset
-        from clipcl.data.registry import load_dataset
+    def sources(self) -> dict:
+        if self.selector is None or self.config.ddas_reference is None:
+            return {}
+        # Only the dataset: its features are encoded once, for the pretraining-domain autoencoder.
+        return {"ddas_reference": ReferenceSpec(dataset=self.config.ddas_reference,
+                                                samples=self.config.ddas_reference_samples, per_step=False)}
 
+    def _fit_reference(self) -> None:
         config = self.config
-        dataset = load_dataset(config.ddas_reference, "train")
-        if len(dataset) > config.ddas_reference_samples:
-            chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
-            dataset = SubsetDataset(dataset, chosen[: config.ddas_reference_samples].sort().values.numpy())
+        dataset = self.source_data["ddas_reference"].dataset
         self.selector.fit_reference(self._features_of(dataset), steps=config.ddas_steps, lr=config.ddas_lr,
-                                    batch_size=config.ddas_batch_size, seed=3000)
+                                    batch_size=config.ddas_batch_size, seed=3000, runtime=self.runtime)
 
     # --- evaluation ----------------------------------------------------------------------------------
     def route_images(self, frozen_features: torch.Tensor) -> torch.Tensor:

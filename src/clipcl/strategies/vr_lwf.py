@@ -238,7 +238,8 @@ class VRLwF(Finetune):
         return self._student_token_features(tokens), teacher
 
     # --- the loss -------------------------------------------------------------------------------
-    def forward(self, images, targets, task):
+    def forward(self, batch, task):
+        images, targets = batch["images"], batch["targets"]
         if self._teacher is None:
             raise RuntimeError("VRLwF.forward called before before_task")
         settings = self.settings

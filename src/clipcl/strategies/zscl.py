@@ -25,11 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from clipcl.data.base import DataError
+from clipcl.data.sources import PREPROCESSING, ReferenceSpec
 from clipcl.losses import classification_loss, clip_logits, l2_drift, normalize, two_way_distillation_kl
 from clipcl.strategies.finetune import Finetune, FinetuneConfig
 from clipcl.strategies.teacher import Teacher
-
-PREPROCESSING = ("train", "eval")
 
 
 @dataclass
@@ -84,22 +83,6 @@ def dataset_of(task) -> str:
     return name.split("[", 1)[0]
 
 
-def reference_prompts(name: str) -> list[str]:
-    """The first-template prompt of every class of dataset ``name``."""
-    from clipcl.data.resources import classnames_and_templates
-
-    try:
-        classnames, templates = classnames_and_templates(name)
-    except KeyError:
-        from clipcl.data.registry import load_dataset
-
-        dataset = load_dataset(name, "train")
-        classnames, templates = dataset.classnames, dataset.templates
-    if not classnames or not templates:
-        raise DataError(f"strategy.reference_texts_dataset: {name} has no class names or templates")
-    return [templates[0].format(classname) for classname in classnames]
-
-
 class ZSCL(Finetune):
     Config = ZSCLConfig
     needs_task_boundaries = True  # anchors and weight averaging restart at every task
@@ -126,63 +109,21 @@ class ZSCL(Finetune):
         super().__init__(backend, config)
         # The zero-shot teacher: copied now, before any training or checkpoint loading.
         self._zero_shot = Teacher(backend)
-        self._reference = None  # the reference image dataset, loaded at the first before_task
-        self._reference_cache: dict[int, torch.Tensor] = {}
-        self._reference_cache_bytes = 0
-        self._reference_indices: torch.Tensor | None = None
         self._reference_tokens: torch.Tensor | None = None
         self._teacher_text: torch.Tensor | None = None
         self._frozen_student_text: torch.Tensor | None = None
-        self._generator: torch.Generator | None = None
+        self._started = False
         self._anchors: dict[str, torch.Tensor] = {}
         self._average: dict[str, torch.Tensor] = {}
         self._averaged = 0
 
-    # --- reference data -------------------------------------------------------------------------
-    def _load_reference(self) -> None:
-        from clipcl.data.registry import load_dataset
-
+    # --- reference data (a source the engine builds, loads and draws per step) -----------------------
+    def sources(self) -> dict:
         config = self.config
-        dataset = load_dataset(config.reference_dataset, "train")
-        if len(dataset) == 0:
-            raise DataError(f"strategy.reference_dataset: {config.reference_dataset} has no images")
-        indices = torch.arange(len(dataset))
-        if config.reference_samples is not None and config.reference_samples < len(dataset):
-            chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
-            indices = chosen[: config.reference_samples].sort().values
-        self._reference, self._reference_indices = dataset, indices
-        self._reference_tokens = self.backend.tokenize(reference_prompts(config.reference_texts_dataset))
-
-    def reference_images(self, count: int) -> torch.Tensor:
-        """Draw ``count`` preprocessed reference images with the task's seeded generator."""
-        if self._generator is None or self._reference is None:
-            raise RuntimeError("ZSCL.reference_images called before before_task")
-        available = len(self._reference_indices)
-        if count <= available:
-            picks = torch.randperm(available, generator=self._generator)[:count]
-        else:
-            picks = torch.randint(0, available, (count,), generator=self._generator)
-        indices = [int(self._reference_indices[pick]) for pick in picks]
-        augmentation_seed = int(torch.randint(0, 2**62, (1,), generator=self._generator).item())
-        if self.config.reference_preprocess == "eval":
-            images = [self._preprocessed_reference(index) for index in indices]
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(augmentation_seed)  # random crops depend only on the generator
-                images = [self.backend.train_preprocess(self._reference[index][0]) for index in indices]
-        return torch.stack(images).to(self.backend.device)
-
-    def _preprocessed_reference(self, index: int) -> torch.Tensor:
-        """The evaluation transform of reference image ``index``, from memory when it has been seen."""
-        cached = self._reference_cache.get(index)
-        if cached is not None:
-            return cached
-        image = self.backend.preprocess(self._reference[index][0])
-        size = image.numel() * image.element_size()
-        if self._reference_cache_bytes + size <= self.config.reference_cache_mb * 2**20:
-            self._reference_cache[index] = image
-            self._reference_cache_bytes += size
-        return image
+        return {"reference": ReferenceSpec(
+            dataset=config.reference_dataset, samples=config.reference_samples,
+            texts_dataset=config.reference_texts_dataset, batch_size=config.reference_batch_size,
+            preprocess=config.reference_preprocess, cache_mb=config.reference_cache_mb)}
 
     def reference_text_features(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(student, teacher) normalised features of the reference texts."""
@@ -203,8 +144,8 @@ class ZSCL(Finetune):
             raise DataError(f"strategy.reference_dataset {config.reference_dataset!r} is also a task of the "
                             "stream; ZSCL's reference images must come from outside the stream")
         super().before_task(task)
-        if self._reference is None:
-            self._load_reference()
+        if self._reference_tokens is None:
+            self._reference_tokens = self.backend.tokenize(self.source_data["reference"].texts)
         device = self.backend.device
         self._zero_shot.to(device)
         self._teacher_text = self._zero_shot.token_features(self._reference_tokens)
@@ -212,8 +153,7 @@ class ZSCL(Finetune):
         if config.distill_text_tower and not self.text_trains:
             with torch.no_grad():
                 self._frozen_student_text = normalize(self.backend.encode_text(self._reference_tokens.to(device)))
-        # Seeded from the global generator, which the run seeds per task (same draws on resume).
-        self._generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        self._started = True
         trained = self._trained()
         self._anchors = ({name: parameter.detach().clone() for name, parameter in trained.items()}
                          if config.l2_weight > 0 else {})
@@ -238,18 +178,20 @@ class ZSCL(Finetune):
             for name, parameter in self._trained().items():
                 parameter.copy_(self._average[name])
         self._average, self._anchors, self._averaged = {}, {}, 0
-        self._teacher_text = self._frozen_student_text = self._generator = None
+        self._teacher_text = self._frozen_student_text = None
+        self._started = False
 
     # --- the loss -------------------------------------------------------------------------------
-    def forward(self, images, targets, task):
-        if self._generator is None:
+    def forward(self, batch, task):
+        images, targets = batch["images"], batch["targets"]
+        if not self._started:
             raise RuntimeError("ZSCL.forward called before before_task")
         config = self.config
         scale = self.backend.logit_scale
         logits = clip_logits(self.backend.encode_image(images), self.task_text_features(task), scale)
         ce = classification_loss(logits, targets, config.label_smoothing)
 
-        reference = self.reference_images(config.reference_batch_size or len(images))
+        reference = batch["reference"]["images"]
         student_text, teacher_text = self.reference_text_features()
         student_logits = clip_logits(normalize(self.backend.encode_image(reference)), student_text, scale)
         teacher_logits = self._zero_shot.logits(self._zero_shot.image_features(reference), teacher_text)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -90,6 +90,33 @@ class Runtime:
 
     def barrier(self) -> None:
         pass
+
+    def fit(self, module: torch.nn.Module, loss_of_step: Callable[[int], torch.Tensor], steps: int,
+            lr: float) -> list[float]:
+        """An inner fit (e.g. DDAS's autoencoders): ``steps`` Adam steps on ``loss_of_step(step)``.
+
+        The runtime owns the optimizer, ``backward`` and the gradient average over processes, so a
+        method never does; in full precision, outside autocast. Every process must pass the same
+        data: the averaged gradient then equals each process's own exactly (``(g + g) / 2 == g``),
+        so a 2-process fit equals a 1-process one. Returns the loss of every step.
+        """
+        parameters = [parameter for parameter in module.parameters() if parameter.requires_grad]
+        optimizer = torch.optim.Adam(parameters, lr=lr)
+        losses = []
+        with torch.enable_grad():
+            for step in range(steps):
+                loss = loss_of_step(step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.sync_gradients(parameters)
+                optimizer.step()
+                losses.append(float(loss.detach()))
+        return losses
+
+    def unsharded(self) -> Runtime:
+        """This process's device as a single full-precision process: for work every process does in
+        full and identically (DDAS features), so no process needs another's results."""
+        return Runtime(self.device)
 
     def shard(self, items: list[int]) -> list[int]:
         """This process's share of a list of indices (all of it in one process)."""

@@ -1,0 +1,171 @@
+"""Named batch sources: data a method needs besides the experience's own batch.
+
+A method declares its sources (``Strategy.sources()``: name -> spec); the engine builds each one from
+the run's data settings (``stream.data_root``), loads it through DataLoader workers and puts what
+it yields into every training batch under the source's name. So no method opens a dataset.
+
+- :class:`ReferenceSpec`: a reference set, as ZSCL's: images from outside the stream drawn afresh
+  for every step, plus reference texts (the class prompts of a dataset); or, with ``per_step=False``,
+  just the dataset, for methods that encode it once (DDAS's pretraining-domain autoencoder).
+- :class:`clipcl.data.memory.ReplaySpec`: a replay memory (built and fed by the engine, since
+  which samples it holds depends on the stream).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from clipcl.data.base import ClassificationDataset, DataError, SubsetDataset
+
+PREPROCESSING = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """A reference set a method declares."""
+
+    dataset: str
+    """Registry name of the images (its train split); any ``load_dataset`` name."""
+    samples: int | None = None
+    """Keep at most this many images (a fixed, seeded subset); None keeps all."""
+    texts_dataset: str | None = None
+    """Dataset whose class prompts (first template) are the reference texts (None: no texts)."""
+    per_step: bool = True
+    """Draw a batch of images for every training step (else the method only reads ``dataset``)."""
+    batch_size: int | None = None
+    """Images per step; None: as many as the step's own batch (per process)."""
+    preprocess: str = "eval"
+    """``eval`` (the backend's evaluation transform) or ``train`` (with its random augmentation)."""
+    cache_mb: int = 0
+    """With ``eval`` preprocessing, keep preprocessed images in memory up to this many MB (in each
+    loader process: with DataLoader workers every worker keeps its own)."""
+
+
+def reference_prompts(name: str, root: str | None = None) -> list[str]:
+    """The first-template prompt of every class of dataset ``name``."""
+    from clipcl.data.resources import classnames_and_templates
+
+    try:
+        classnames, templates = classnames_and_templates(name)
+    except KeyError:
+        from clipcl.data.registry import load_dataset
+
+        dataset = load_dataset(name, "train", root=root)
+        classnames, templates = dataset.classnames, dataset.templates
+    if not classnames or not templates:
+        raise DataError(f"reference texts: {name} has no class names or templates")
+    return [templates[0].format(classname) for classname in classnames]
+
+
+class _ReferenceDraws(Sampler[tuple[list[int], int]]):
+    """Endless per-step draws: (dataset indices, augmentation seed), from one seeded generator.
+
+    With at most as many images as the set holds, a step's images are distinct (a permutation's
+    head); otherwise drawn with replacement.
+    """
+
+    def __init__(self, indices: torch.Tensor, count: int, seed: int, skip: int = 0) -> None:
+        self.indices, self.count, self.skip = indices, count, skip
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        available = len(self.indices)
+        drawn = 0
+        while True:
+            if self.count <= available:
+                picks = torch.randperm(available, generator=self.generator)[: self.count]
+            else:
+                picks = torch.randint(0, available, (self.count,), generator=self.generator)
+            augmentation_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
+            drawn += 1
+            if drawn > self.skip:  # a resumed run draws the steps it already took, and drops them
+                yield [int(self.indices[pick]) for pick in picks], augmentation_seed
+
+
+class _ReferenceImages(Dataset):
+    """One item per step: the stacked, preprocessed images of that step's draw."""
+
+    def __init__(self, dataset: ClassificationDataset, transform, augmented: bool, cache_bytes: int) -> None:
+        self.dataset, self.transform, self.augmented = dataset, transform, augmented
+        self.cache: dict[int, torch.Tensor] = {}
+        self.cache_bytes, self.cached_bytes = cache_bytes, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _preprocessed(self, index: int) -> torch.Tensor:
+        cached = self.cache.get(index)
+        if cached is not None:
+            return cached
+        image = self.transform(self.dataset[index][0])
+        size = image.numel() * image.element_size()
+        if self.cached_bytes + size <= self.cache_bytes:
+            self.cache[index] = image
+            self.cached_bytes += size
+        return image
+
+    def __getitem__(self, draw: tuple[list[int], int]) -> torch.Tensor:
+        indices, augmentation_seed = draw
+        if not self.augmented:
+            return torch.stack([self._preprocessed(index) for index in indices])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(augmentation_seed)  # the crops depend only on the draw
+            return torch.stack([self.transform(self.dataset[index][0]) for index in indices])
+
+
+class ReferenceSource:
+    """A built reference set: its images, its texts, and per-step batches once started."""
+
+    def __init__(self, spec: ReferenceSpec, root: str | None, num_workers: int = 0) -> None:
+        from clipcl.data.registry import load_dataset
+
+        if spec.preprocess not in PREPROCESSING:
+            raise DataError(f"reference preprocess must be one of {', '.join(PREPROCESSING)}, got {spec.preprocess!r}")
+        self.spec, self.num_workers = spec, num_workers
+        dataset = load_dataset(spec.dataset, "train", root=root)
+        if len(dataset) == 0:
+            raise DataError(f"reference dataset {spec.dataset} has no images")
+        indices = torch.arange(len(dataset))
+        if spec.samples is not None and spec.samples < len(dataset):
+            chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+            indices = chosen[: spec.samples].sort().values
+        self.full_dataset = dataset
+        self.indices = indices
+        self.dataset = dataset if len(indices) == len(dataset) else SubsetDataset(dataset, indices.numpy())
+        self.texts = reference_prompts(spec.texts_dataset, root) if spec.texts_dataset else []
+        self._images: _ReferenceImages | None = None
+        self._batches = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.dataset
+
+    def start(self, backend, seed: int, count: int, skip: int = 0) -> None:
+        """Begin an experience's per-step draws: ``count`` images a step, from generator ``seed``,
+        leaving out the first ``skip`` draws (those a resumed run already trained on)."""
+        spec = self.spec
+        augmented = spec.preprocess == "train"
+        if self._images is None or self._images.augmented != augmented:
+            transform = backend.train_preprocess if augmented else backend.preprocess
+            self._images = _ReferenceImages(self.full_dataset, transform, augmented, spec.cache_mb * 2**20)
+        draws = _ReferenceDraws(self.indices, spec.batch_size or count, seed, skip)
+        # batch_size=None: each sampled draw is one item, already a whole step's batch.
+        # An own generator: starting the loader must not draw from the global one (dropout's).
+        loader = DataLoader(self._images, sampler=draws, batch_size=None, num_workers=self.num_workers,
+                            generator=torch.Generator().manual_seed(seed))
+        self._batches = iter(loader)
+
+    @property
+    def started(self) -> bool:
+        return self._batches is not None
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self._batches is None:
+            raise RuntimeError(f"reference source {self.name} used before start()")
+        return {"images": next(self._batches)}
+
+    def stop(self) -> None:
+        self._batches = None

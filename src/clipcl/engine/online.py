@@ -1,0 +1,273 @@
+"""Online streams (Si-Blurry): one pass, anytime evaluation, mid-stream resume.
+
+The stream's training images arrive once, in chunks of ``train.batch_size``
+(:mod:`clipcl.data.online_stream`); the learner only learns which classes have appeared so far.
+Every group of ``train.grad_accumulation`` chunks (plus whatever the method replays) is used for
+``train.online_iter`` optimizer steps by the same trainer as task streams; the learning rate is
+constant unless ``train.lr_schedule`` says otherwise (the stream has no known end). Every
+``eval.eval_period`` samples, and at the end, the model is evaluated on the test images of every
+class seen so far, among those classes: the anytime accuracy curve, its area A_auc and its last
+point A_last. Held-out datasets give zero-shot retention before and after the stream.
+
+After every evaluation the run checkpoints: the changed weights, the optimizer, the random state,
+the curve so far and the arrivals. A rerun of an interrupted run loads the latest checkpoint, plans
+the consumed chunks again without loading images (so a replay memory is rebuilt exactly) and goes
+on, ending with the same results as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch.utils.data import DataLoader
+
+from clipcl.checkpoint import (
+    CheckpointError,
+    atomic_save_safetensors,
+    atomic_write_json,
+    fingerprint_digest,
+    load_checkpoint,
+    save_checkpoint,
+)
+from clipcl.data.base import SubsetDataset
+from clipcl.data.online import a_last, anytime_accuracy_auc
+from clipcl.data.online_stream import ONLINE_PROTOCOL, Arrivals
+from clipcl.engine.batches import OnlineChunks, PlanSampler, StreamImages, collate_plan
+from clipcl.engine.context import RunContext, host_facts, run_facts, write_results
+from clipcl.engine.trainer import ExperienceStats, grouped
+from clipcl.eval.evaluator import count_correct
+from clipcl.eval.metrics import retention
+
+
+def anytime_accuracy(context: RunContext, arrivals: Arrivals) -> float:
+    """Accuracy (%) on the test images of every class seen so far, among those classes."""
+    stream = context.stream
+    seen = np.asarray(arrivals.seen_labels, dtype=np.int64)
+    indices = np.flatnonzero(np.isin(stream.test.labels, seen))
+    if not len(indices):
+        return float("nan")
+    subset = SubsetDataset(stream.test, indices)
+    correct, total = count_correct(context.strategy, subset, list(arrivals.task.classes),
+                                   dict(arrivals.task.target_of_label), None, context.runtime,
+                                   context.config.eval.batch_size, context.cache, False)
+    return 100.0 * correct / total
+
+
+def heldout_accuracies(context: RunContext) -> list[float]:
+    values = []
+    for held in context.stream.heldout:
+        correct, total = count_correct(context.strategy, held.test, held.classes, held.target_of_label, None,
+                                       context.runtime, context.config.eval.batch_size, context.cache, False)
+        values.append(100.0 * correct / total)
+    return values
+
+
+# --- mid-stream checkpoints -------------------------------------------------------------------------
+
+
+def _state_path(context: RunContext, chunks: int):
+    return context.directory.checkpoints / f"online_state_{chunks:06d}.safetensors"
+
+
+def _model_path(context: RunContext, chunks: int):
+    return context.directory.checkpoints / f"online_model_{chunks:06d}.safetensors"
+
+
+def save_online(context: RunContext, progress: dict, chunks: int) -> None:
+    """Weights, optimizer, random state and the method's extra state after ``chunks`` chunks, then the
+    progress file that points at them (so a crash leaves the previous checkpoint in force)."""
+    trainer, strategy = context.trainer, context.strategy
+    if context.runtime.is_main:
+        save_checkpoint(_model_path(context, chunks), strategy, context.reference, context.fingerprint, chunks)
+        tensors = {"rng/torch": torch.get_rng_state()}
+        scheduler_state = {}
+        if trainer.optimizer is not None:
+            for index, state in trainer.optimizer.state_dict()["state"].items():
+                for key, value in state.items():
+                    tensors[f"optimizer/{index}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            scheduler_state = {key: value for key, value in trainer.scheduler.state_dict().items()
+                               if key != "lr_lambdas"}
+        for key, value in strategy.online_state().items():
+            tensors[f"strategy/{key}"] = value.detach().cpu().contiguous()
+        atomic_save_safetensors(tensors, _state_path(context, chunks),
+                                {"chunks": str(chunks), "config": fingerprint_digest(context.fingerprint)})
+        progress["scheduler"] = scheduler_state
+        atomic_write_json(context.directory.progress, progress)
+        for old in context.directory.checkpoints.glob("online_*_*.safetensors"):
+            if not old.name.endswith(f"_{chunks:06d}.safetensors"):
+                old.unlink(missing_ok=True)
+    context.runtime.barrier()
+
+
+def load_online(context: RunContext, progress: dict) -> None:
+    """Restore what :func:`save_online` wrote (the trainer has begun: its optimizer exists)."""
+    chunks, trainer = progress["chunks"], context.trainer
+    if load_checkpoint(_model_path(context, chunks), context.strategy, context.fingerprint) != chunks:
+        raise CheckpointError(f"{_model_path(context, chunks)} is not the checkpoint progress.json names")
+    with safe_open(str(_state_path(context, chunks)), framework="pt") as file:
+        if (file.metadata() or {}).get("chunks") != str(chunks):
+            raise CheckpointError(f"{_state_path(context, chunks)} is not the state progress.json names")
+        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    if trainer.optimizer is not None:
+        state = trainer.optimizer.state_dict()
+        restored: dict[int, dict] = {}
+        for name, value in tensors.items():
+            if name.startswith("optimizer/"):
+                _, index, key = name.split("/", 2)
+                restored.setdefault(int(index), {})[key] = value.to(context.runtime.device) if key != "step" else value
+        state["state"] = restored
+        trainer.optimizer.load_state_dict(state)
+        scheduler = trainer.scheduler.state_dict()
+        scheduler.update(progress.get("scheduler", {}))
+        trainer.scheduler.load_state_dict(scheduler)
+    context.strategy.load_online_state({name[len("strategy/"):]: value for name, value in tensors.items()
+                                        if name.startswith("strategy/")})
+    torch.set_rng_state(tensors["rng/torch"])
+
+
+# --- the stream --------------------------------------------------------------------------------------
+
+
+def run_online_stream(context: RunContext, stop_after_samples: int | None) -> dict[str, Any]:
+    config, runtime, strategy, stream, trainer = (context.config, context.runtime, context.strategy,
+                                                  context.stream, context.trainer)
+    train_config = config.train
+    period = config.eval.eval_period
+    accumulation = train_config.grad_accumulation
+    arrivals = Arrivals(stream)
+    order = np.asarray(stream.order.order, dtype=np.int64)
+    chunks = OnlineChunks(order, train_config.batch_size, runtime.rank, runtime.world_size)
+    progress = context.directory.read_progress() or {}
+    resumed = progress.get("protocol") == ONLINE_PROTOCOL and progress.get("chunks", 0) > 0
+    if not resumed:
+        progress = {"protocol": ONLINE_PROTOCOL, "config_digest": fingerprint_digest(context.fingerprint),
+                    "chunks": 0, "samples": [], "accuracy": [], "periodic": [], "arrivals": [],
+                    "train_seconds": 0.0, "eval_seconds": 0.0, "steps": 0, "examples": 0, "losses": [],
+                    "next_eval": period, "forward_calls": 0,
+                    "heldout_zero_shot": heldout_accuracies(context)}
+    else:
+        arrivals.restore(progress["arrivals"])
+    context.observers.run_started(str(context.directory.root), dict(config.strategy),
+                                  str(_model_path(context, progress["chunks"])) if resumed else None,
+                                  global_step=progress["steps"])
+
+    strategy.before_task(arrivals.task)
+    schedule = train_config.lr_schedule or "constant"
+    trains = trainer.begin(max(1, -(-len(chunks) // accumulation) * train_config.online_iter), schedule)
+    if trains and context.step_sources:
+        progress.setdefault("source_seed", int(torch.randint(0, 2**62, (1,)).item()))
+        for source in context.step_sources.values():
+            count = train_config.batch_size // runtime.world_size
+            source.start(strategy.backend, progress["source_seed"], count, skip=progress["forward_calls"])
+        trainer.step_sources = context.step_sources
+    if resumed:
+        load_online(context, progress)
+    trainer.global_step, trainer.forward_calls = progress["steps"], progress["forward_calls"]
+    trainer.class_of = lambda experience, label: stream.classes[label]
+    stats = ExperienceStats(steps=progress["steps"], examples=progress["examples"], losses=list(progress["losses"]))
+    plans = PlanSampler(chunks, 0, config.seed, stream.train.labels, context.memory, skip=progress["chunks"])
+    if trains:
+        images = StreamImages({0: stream.train}, strategy.backend.train_preprocess)
+        # An own generator: the loader must not draw from the global one (dropout's), which the
+        # stream's earlier versions never touched here.
+        loader = DataLoader(images, batch_sampler=plans, num_workers=train_config.num_workers,
+                            collate_fn=collate_plan, generator=torch.Generator().manual_seed(config.seed))
+        groups = grouped(loader, accumulation)
+    else:
+        groups = grouped(({} for _ in plans), accumulation)  # nothing trains: positions only, no images
+    context.observers.experience_started("online", 0, None)
+
+    consumed = progress["chunks"]
+    for group in groups:
+        started = time.perf_counter()
+        first, consumed = consumed, consumed + len(group)
+        labels = stream.train.labels[order[first * train_config.batch_size: consumed * train_config.batch_size]]
+
+        def register_arrivals(_group, labels=labels) -> None:
+            if arrivals.add(labels):
+                strategy.on_new_classes(arrivals.task)
+
+        if trains:
+            trainer.train_groups([group], arrivals.task, stats, repeats=train_config.online_iter,
+                                 before_group=register_arrivals)
+        else:
+            register_arrivals(group)
+        progress["train_seconds"] += time.perf_counter() - started
+        seen = min(consumed * train_config.batch_size, len(order))
+        if seen >= progress["next_eval"] or seen == len(order):
+            started = time.perf_counter()
+            progress["periodic"].append(seen >= progress["next_eval"])
+            progress["samples"].append(seen)
+            progress["accuracy"].append(anytime_accuracy(context, arrivals))
+            progress["eval_seconds"] += time.perf_counter() - started
+            context.observers.evaluated("anytime", trainer.global_step, {"accuracy": progress["accuracy"][-1]})
+            while progress["next_eval"] <= seen:
+                progress["next_eval"] += period
+            if seen < len(order):
+                progress.update(chunks=consumed, arrivals=list(arrivals.seen_labels), steps=stats.steps,
+                                examples=stats.examples, losses=stats.losses[:1] + stats.losses[-1:],
+                                forward_calls=trainer.forward_calls)
+                save_online(context, progress, consumed)
+                if stop_after_samples is not None and seen >= stop_after_samples:
+                    return {"interrupted": True, "progress": progress}
+    for source in context.step_sources.values():
+        source.stop()
+    strategy.after_task(arrivals.task)
+    context.observers.experience_finished("online", 0, {"steps": stats.steps})
+    heldout_after = heldout_accuracies(context)
+    if runtime.is_main:
+        save_checkpoint(context.directory.checkpoint(0), strategy, context.reference, context.fingerprint, 0)
+    results = online_results(context, progress, stats, arrivals, heldout_after)
+    write_results(context, results)
+    return results
+
+
+def online_results(context: RunContext, progress: dict, stats: ExperienceStats, arrivals: Arrivals,
+                   heldout_after: list[float]) -> dict[str, Any]:
+    config, stream = context.config, context.stream
+    heldout_before = progress["heldout_zero_shot"]
+    # A_auc as the official Si-Blurry code computes it: the mean of the evaluations every eval_period
+    # samples (an end-of-stream evaluation that is not one of them only gives A_last).
+    curve = list(zip(progress["samples"], progress["accuracy"], progress["periodic"]))
+    points = [(n, value) for n, value, due in curve if due] or [(n, value) for n, value, _ in curve]
+    metrics = {"a_auc": anytime_accuracy_auc([n for n, _ in points], [value for _, value in points]),
+               "a_last": a_last(progress["accuracy"])}
+    if stream.heldout:
+        metrics.update(heldout_zero_shot=float(np.mean(heldout_before)), heldout_last=float(np.mean(heldout_after)),
+                       heldout_retention=retention(heldout_before, heldout_after))
+    # Stream images per second of training (each incoming image once, whatever online_iter and replay).
+    metrics["train_samples_per_second"] = (len(stream.train) / progress["train_seconds"]
+                                           if stats.steps and progress["train_seconds"] > 0 else float("nan"))
+    facts = run_facts(context)
+    return {
+        "name": config.label,
+        "strategy": config.strategy.get("name"),
+        "protocol": ONLINE_PROTOCOL,
+        "config_digest": fingerprint_digest(context.fingerprint),
+        "seed": config.seed,
+        "anytime": {"samples": progress["samples"], "accuracy": progress["accuracy"], "periodic": progress["periodic"],
+                    "unit": "percent", "eval_period": config.eval.eval_period},
+        "stream": {"samples": len(stream.train), "classes": len(stream.classes),
+                   "disjoint_classes": [stream.classes[c].name for c in stream.order.disjoint_classes],
+                   "blurry_classes": [stream.classes[c].name for c in stream.order.blurry_classes],
+                   "hidden_task_boundaries": [int(b) for b in stream.order.task_boundaries],
+                   "arrival_order_of_classes": [stream.classes[label].name for label in arrivals.seen_labels]},
+        "heldout": {"datasets": [held.name for held in stream.heldout], "zero_shot": heldout_before,
+                    "after_stream": heldout_after},
+        "metrics": metrics,
+        "timing": {"train_seconds": progress["train_seconds"], "eval_seconds": progress["eval_seconds"],
+                   "train_steps": stats.steps, "train_examples": stats.examples},
+        "losses_first_last": [stats.first_loss, stats.last_loss],
+        "parameters": facts["parameters"],
+        "config": facts["config"],
+        "versions": facts["versions"],
+        "created": facts["created"],
+        "host": host_facts(context),
+    }
+
+
+__all__ = ["anytime_accuracy", "heldout_accuracies", "run_online_stream"]

@@ -1,0 +1,265 @@
+"""Task streams (class-incremental, multi-domain, X-TAIL): one experience per task.
+
+Per task: ``before_task`` -> the trainer's steps -> ``after_task`` -> evaluate every task of the stream
+(future ones included) and the held-out sets -> checkpoint + progress file. The zero-shot row is
+evaluated first. Each task's training is seeded from (seed, task index) and a replay memory is
+rebuilt by planning the finished tasks again, so a resumed run ends with the same results as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from clipcl.checkpoint import (
+    CheckpointError,
+    atomic_write_json,
+    fingerprint_digest,
+    load_checkpoint,
+    save_checkpoint,
+)
+from clipcl.engine.batches import GlobalBatchSampler, PlanSampler, StreamImages, collate_plan
+from clipcl.engine.context import (
+    RunContext,
+    RunError,
+    host_facts,
+    run_facts,
+    seed_everything,
+    task_seed,
+    write_results,
+)
+from clipcl.engine.trainer import ExperienceStats, grouped
+from clipcl.eval import metrics as metrics_module
+from clipcl.eval.evaluator import evaluate_row
+from clipcl.eval.retrieval import evaluate_retrieval, load_captioned
+
+
+def task_batches(context: RunContext, task) -> GlobalBatchSampler:
+    """The micro-batches a task trains on: full epochs, cut to the schedule's steps."""
+    config, runtime = context.config.train, context.runtime
+    seed = task_seed(context.config.seed, task.index)
+    full = GlobalBatchSampler(len(task.train), config.batch_size, config.epochs, seed, runtime.rank, runtime.world_size)
+    total_steps = len(full) // config.grad_accumulation
+    if config.max_steps_per_task is not None:
+        total_steps = min(total_steps, config.max_steps_per_task)
+    total_steps = max(total_steps, 1)
+    return GlobalBatchSampler(len(task.train), config.batch_size, config.epochs, seed, runtime.rank,
+                              runtime.world_size, limit=total_steps * config.grad_accumulation)
+
+
+def train_task(context: RunContext, task, images: StreamImages) -> ExperienceStats:
+    """Train on one task. Call between ``before_task`` and ``after_task``."""
+    config, trainer = context.config.train, context.trainer
+    stats = ExperienceStats()
+    batches = task_batches(context, task)
+    total_steps = max(1, len(batches) // config.grad_accumulation)
+    if not trainer.begin(total_steps, config.lr_schedule or "cosine"):
+        return stats
+    for source in context.step_sources.values():
+        # Seeded from the global generator, which the run seeds per task: the same draws on resume
+        # and on every process.
+        source.start(context.strategy.backend, int(torch.randint(0, 2**62, (1,)).item()), batches.per_process_batch)
+    trainer.step_sources = context.step_sources
+    plans = PlanSampler(batches, task.index, task_seed(context.config.seed, task.index), task.train.labels,
+                        context.memory)
+    loader = DataLoader(images, batch_sampler=plans, num_workers=config.num_workers, collate_fn=collate_plan)
+    context.observers.experience_started(task.name, task.index, total_steps)
+    trainer.train_groups(grouped(loader, config.grad_accumulation), task, stats, max_steps=total_steps)
+    context.observers.experience_finished(task.name, task.index, {"steps": stats.steps, "seconds": stats.seconds})
+    for source in context.step_sources.values():
+        source.stop()
+    trainer.step_sources = {}
+    return stats
+
+
+def replan_memory(context: RunContext, completed: int) -> None:
+    """Rebuild the replay memory of a resumed run: plan the finished tasks again (no image is loaded)."""
+    if context.memory is None or not context.strategy.trainable_parameters():
+        return
+    for task in context.stream.tasks[: completed + 1]:
+        plans = PlanSampler(task_batches(context, task), task.index, 0, task.train.labels, context.memory)
+        for _ in plans:
+            pass
+
+
+def retrieval_row(strategy, sets, batch_size: int) -> dict[str, dict[str, float]]:
+    """R@1/5/10 both ways on every retrieval set, by set name. Every process computes it in full
+    (the sets are small), so all processes agree without communicating."""
+    return {captioned.name: evaluate_retrieval(strategy, captioned, batch_size) for captioned in sets}
+
+
+def run_task_stream(context: RunContext, stop_after_task: int | None) -> dict[str, Any]:
+    config, runtime, strategy, stream = context.config, context.runtime, context.strategy, context.stream
+    directory, cache, show_progress = context.directory, context.cache, context.show_progress
+    progress = directory.read_progress() or {}
+    completed = progress.get("completed_tasks", -1)
+    if completed >= 0:
+        strategy.restore_structure(stream.tasks[: completed + 1])
+        try:
+            loaded = load_checkpoint(directory.checkpoint(completed), strategy, context.fingerprint)
+        except FileNotFoundError:
+            raise RunError(f"{directory.progress} says task {completed} finished but its checkpoint is missing")
+        if loaded != completed:
+            raise CheckpointError(f"checkpoint {directory.checkpoint(completed)} is from task {loaded}")
+        replan_memory(context, completed)
+        if runtime.is_main and show_progress:
+            print(f"resuming {directory.root} after task {completed} ({stream.tasks[completed].name})",
+                  file=sys.stderr)
+    context.observers.run_started(str(directory.root), dict(config.strategy),
+                                  str(directory.checkpoint(completed)) if completed >= 0 else None,
+                                  global_step=sum(progress.get("train_steps", [])))
+    context.trainer.global_step = sum(progress.get("train_steps", []))
+    images = StreamImages({task.index: task.train for task in stream.tasks}, strategy.backend.train_preprocess)
+    context.trainer.class_of = lambda experience, label: stream.tasks[experience].classes[
+        stream.tasks[experience].target_of_label[label]]
+
+    batch_size = config.eval.batch_size
+    retrieval_sets = [load_captioned(spec, config.eval.retrieval_images, config.stream.data_root)
+                      for spec in config.eval.retrieval]
+    if "zero_shot_row" not in progress:
+        row, heldout, seconds = evaluate_row(strategy, stream, -1, runtime, batch_size, cache, show_progress)
+        retrieval = retrieval_row(strategy, retrieval_sets, batch_size)
+        progress.update(config_digest=fingerprint_digest(context.fingerprint), completed_tasks=-1, zero_shot_row=row,
+                        zero_shot_heldout=heldout, zero_shot_eval_seconds=seconds, rows=[], heldout_rows=[],
+                        train_seconds=[], eval_seconds=[], train_steps=[], train_examples=[], losses=[],
+                        zero_shot_retrieval=retrieval, retrieval_rows=[])
+        context.observers.evaluated("row", 0, {f"task/{task.name}": value for task, value in zip(stream.tasks, row)})
+        if runtime.is_main:
+            atomic_write_json(directory.progress, progress)
+
+    for task in stream.tasks[completed + 1:]:
+        seed_everything(task_seed(config.seed, task.index))
+        strategy.before_task(task)
+        stats = train_task(context, task, images)
+        strategy.after_task(task)
+        row, heldout, eval_seconds = evaluate_row(strategy, stream, task.index, runtime, batch_size, cache,
+                                                  show_progress)
+        step = context.trainer.global_step
+        context.observers.evaluated("row", step, {f"task/{t.name}": value for t, value in zip(stream.tasks, row)})
+        if heldout:
+            context.observers.evaluated("heldout", step, {h.name: v for h, v in zip(stream.heldout, heldout)})
+        progress["rows"].append(row)
+        progress["heldout_rows"].append(heldout)
+        progress["retrieval_rows"].append(retrieval_row(strategy, retrieval_sets, batch_size))
+        progress["train_seconds"].append(stats.seconds)
+        progress["eval_seconds"].append(eval_seconds)
+        progress["train_steps"].append(stats.steps)
+        progress["train_examples"].append(stats.examples)
+        progress["losses"].append([stats.first_loss, stats.last_loss])
+        progress["completed_tasks"] = task.index
+        if runtime.is_main:
+            # Checkpoint first, progress second: progress never points at a checkpoint not yet written.
+            save_checkpoint(directory.checkpoint(task.index), strategy, context.reference, context.fingerprint,
+                            task.index)
+            atomic_write_json(directory.progress, progress)
+            if show_progress:
+                cells = "  ".join(f"{value:5.1f}" for value in row)
+                print(f"after {task.name}: {cells}", file=sys.stderr)
+        runtime.barrier()
+        if stop_after_task is not None and task.index >= stop_after_task and task.index < len(stream.tasks) - 1:
+            return {"interrupted": True, "progress": progress}
+
+    results = build_results(context, progress)
+    report = strategy.final_report(stream, runtime)
+    if report:
+        results["strategy_report"] = report
+    write_results(context, results)
+    return results
+
+
+def build_results(context: RunContext, progress: dict[str, Any]) -> dict[str, Any]:
+    """The results.json content: matrix with labels, metrics, timings, parameter counts, versions."""
+    config, stream = context.config, context.stream
+    task_names = [task.name for task in stream.tasks]
+    task_sizes = [len(task.test) for task in stream.tasks]
+    matrix = progress["rows"]
+    metrics = metrics_module.all_metrics(matrix, task_sizes, class_incremental=stream.protocol == "class_incremental")
+    heldout_names = [held.name for held in stream.heldout]
+    if heldout_names:
+        final = progress["heldout_rows"][-1]
+        metrics["heldout_zero_shot"] = float(np.mean(progress["zero_shot_heldout"]))
+        metrics["heldout_last"] = float(np.mean(final))
+        metrics["heldout_retention"] = metrics_module.retention(progress["zero_shot_heldout"], final)
+    metrics["zero_shot_avg"] = float(np.mean(progress["zero_shot_row"]))
+    if stream.protocol == "class_incremental":
+        # The "Don't Stop Learning" settings are class-incremental (one or several phases of one dataset).
+        metrics.update(metrics_module.dont_stop_learning(matrix, task_sizes, progress["zero_shot_heldout"],
+                                                         progress["heldout_rows"][-1]))
+    retrieval_before = progress.get("zero_shot_retrieval", {})
+    retrieval_rows = progress.get("retrieval_rows", [])
+    if retrieval_before and retrieval_rows:
+        metrics.update(metrics_module.retrieval_change(retrieval_before, retrieval_rows[-1]))
+    facts = run_facts(context)
+    return {
+        "name": config.label,
+        "strategy": config.strategy.get("name"),
+        "protocol": stream.protocol,
+        "seed": config.seed,
+        "tasks": task_names,
+        "task_test_sizes": task_sizes,
+        "task_train_sizes": [len(task.train) for task in stream.tasks],
+        "accuracy": {
+            "rows": [f"after {name}" for name in task_names],
+            "columns": task_names,
+            "matrix": matrix,
+            "zero_shot_row": progress["zero_shot_row"],
+            "unit": "percent",
+        },
+        "heldout": {
+            "datasets": heldout_names,
+            "zero_shot": progress["zero_shot_heldout"],
+            "after_each_task": progress["heldout_rows"],
+        },
+        "retrieval": {
+            "sets": list(progress.get("zero_shot_retrieval", {})),
+            "zero_shot": progress.get("zero_shot_retrieval", {}),
+            "after_each_task": progress.get("retrieval_rows", []),
+            "unit": "percent",
+        },
+        "metrics": metrics,
+        "timing": {
+            "train_seconds": progress["train_seconds"],
+            "eval_seconds": progress["eval_seconds"],
+            "zero_shot_eval_seconds": progress["zero_shot_eval_seconds"],
+            "train_steps": progress["train_steps"],
+            "train_examples": progress["train_examples"],
+        },
+        "losses_first_last": progress["losses"],
+        "parameters": facts["parameters"],
+        "config": facts["config"],
+        "versions": facts["versions"],
+        "created": facts["created"],
+        "host": host_facts(context),
+    }
+
+
+def standalone_context(config, strategy, stream, runtime, cache) -> RunContext:
+    """A context for driving tasks by hand (benchmarks that train once and evaluate several ways):
+    the strategy's sources built and attached, no run directory, no observers."""
+    from clipcl.config import config_fingerprint
+    from clipcl.engine.context import RunDirectory, build_sources
+    from clipcl.engine.observers import Observers
+    from clipcl.engine.trainer import Trainer
+
+    built, memory = build_sources(strategy, config, runtime)
+    strategy.attach(runtime, cache, built)
+    observers = Observers()
+    return RunContext(config=config, runtime=runtime, directory=RunDirectory(config.output_dir), strategy=strategy,
+                      stream=stream, cache=cache, trainer=Trainer(strategy, runtime, config.train, observers),
+                      observers=observers, fingerprint=config_fingerprint(config), reference={},
+                      show_progress=False, memory=memory,
+                      step_sources={name: source for name, source in built.items() if source.spec.per_step})
+
+
+def train_one_task(context: RunContext, task) -> ExperienceStats:
+    """``train_task`` with the stream's training images built here (see :func:`standalone_context`)."""
+    stream = context.stream
+    images = StreamImages({each.index: each.train for each in stream.tasks}, context.strategy.backend.train_preprocess)
+    context.trainer.class_of = lambda experience, label: stream.tasks[experience].classes[
+        stream.tasks[experience].target_of_label[label]]
+    return train_task(context, task, images)

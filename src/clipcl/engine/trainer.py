@@ -1,0 +1,172 @@
+"""The one training loop, for every kind of experience.
+
+A stream hands the trainer experiences (a task; a window of an online stream). For each, the
+trainer makes the optimizer and the learning-rate schedule, then takes micro-batches (dicts: the
+experience's ``images`` and dataset ``labels``, plus what the method's sources add), maps labels to
+the experience's targets, adds per-step source batches, and runs ``forward`` -> ``backward`` ->
+(every ``grad_accumulation`` micro-batches) gradient average over processes -> clip -> step ->
+schedule -> ``after_step``. An online stream repeats each group of micro-batches ``online_iter``
+times. Methods only return losses: mixed precision, accumulation and data parallelism live here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from clipcl.config import TrainConfig
+from clipcl.engine.runtime import Runtime
+
+SCHEDULES = ("cosine", "constant")
+
+
+def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine") -> float:
+    """Linear warm-up, then cosine decay to zero at ``total_steps`` (or a constant rate)."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class ExperienceStats:
+    """What one experience's training did."""
+
+    steps: int = 0
+    examples: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def first_loss(self) -> float | None:
+        return self.losses[0] if self.losses else None
+
+    @property
+    def last_loss(self) -> float | None:
+        return self.losses[-1] if self.losses else None
+
+
+class Trainer:
+    """Trains a strategy on one experience at a time. See the module docstring for the loop."""
+
+    def __init__(self, strategy, runtime: Runtime, config: TrainConfig, observers=None) -> None:
+        self.strategy, self.runtime, self.config = strategy, runtime, config
+        self.observers = observers
+        self.global_step = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+        self.parameters: list[torch.nn.Parameter] = []
+        self.step_sources: dict = {}  # name -> ReferenceSource, drawn once per forward
+        self.forward_calls = 0  # per-step source draws so far (a resumed online run skips as many)
+        # (experience number, dataset label) -> ClassText, for replayed samples; set by the stream driver.
+        self.class_of = None
+
+    # --- an experience ------------------------------------------------------------------------
+    def begin(self, total_steps: int, schedule: str = "cosine") -> bool:
+        """A fresh optimizer and schedule; False when the method has nothing to train."""
+        self.parameters = self.strategy.trainable_parameters()
+        self.optimizer = self.scheduler = None
+        if not self.parameters:
+            return False
+        config = self.config
+        self.runtime.start_task()
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
+        total = max(total_steps, 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: learning_rate_factor(step, total, config.warmup_steps, schedule))
+        return True
+
+    def device_batch(self, batch: dict, experience) -> dict:
+        """Move a loaded micro-batch to the device and give it targets in the experience's label space.
+
+        Replayed samples keep their dataset labels and get their classes (``replay["classes"]``):
+        they may come from earlier experiences whose classes the current label space lacks.
+        """
+        device = self.runtime.device
+        target_of_label = experience.target_of_label
+        moved = {"images": batch["images"].to(device), "labels": batch["labels"], "indices": batch["indices"],
+                 "targets": torch.tensor([target_of_label[int(label)] for label in batch["labels"]],
+                                         dtype=torch.long, device=device)}
+        replay = batch.get("replay")
+        if replay is not None and self.class_of is not None:
+            moved["replay"] = {**replay, "images": replay["images"].to(device),
+                               "classes": [self.class_of(int(source), int(label))
+                                           for source, label in zip(replay["experiences"], replay["labels"])]}
+        return moved
+
+    def _forward(self, batch: dict, experience) -> torch.Tensor:
+        for name, source in self.step_sources.items():
+            batch[name] = {key: value.to(self.runtime.device) for key, value in source.next_batch().items()}
+        self.forward_calls += 1
+        with self.runtime.autocast():
+            outputs = self.strategy(batch, experience)
+        loss = outputs["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {self.global_step} of {experience.name}")
+        return loss
+
+    def train_groups(self, groups: Iterable[list[dict]] | Iterator[list[dict]], experience, stats: ExperienceStats,
+                     repeats: int = 1, max_steps: int | None = None, progress=None,
+                     before_group=None) -> None:
+        """Train on groups of ``grad_accumulation`` loaded micro-batches, ``repeats`` optimizer steps each.
+
+        ``before_group(group)`` runs first for each group with the strategy in eval mode (an online
+        stream registers newly arrived classes there: their frozen text features must not see
+        dropout).
+        """
+        runtime, config, strategy = self.runtime, self.config, self.strategy
+        accumulation = config.grad_accumulation
+        started = time.perf_counter()
+        strategy.train()
+        for group in groups:
+            if before_group is not None:
+                strategy.eval()
+                before_group(group)
+                strategy.train()
+            batches = [self.device_batch(batch, experience) for batch in group]
+            for _ in range(repeats):
+                if max_steps is not None and stats.steps >= max_steps:
+                    break
+                step_loss = torch.zeros((), device=runtime.device)
+                for batch in batches:
+                    loss = self._forward(dict(batch), experience)
+                    runtime.backward(loss / accumulation)
+                    step_loss += loss.detach().float() / accumulation
+                    replayed = len(batch["replay"]["images"]) if "replay" in batch else 0
+                    stats.examples += (len(batch["images"]) + replayed) * runtime.world_size
+                runtime.sync_gradients(self.parameters)
+                runtime.step(self.optimizer, self.parameters, config.max_grad_norm)
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                strategy.after_step(stats.steps)
+                stats.steps += 1
+                self.global_step += 1
+                # The step's loss over all its micro-batches and processes, for logging.
+                loss_value = float(runtime.all_reduce_sum(step_loss)) / runtime.world_size
+                stats.losses.append(loss_value)
+                if self.observers is not None:
+                    self.observers.step(experience.name, stats.steps, self.global_step,
+                                        {"loss": loss_value, "lr": self.scheduler.get_last_lr()[0]})
+                if progress is not None:
+                    progress.set_postfix(loss=f"{loss_value:.3f}")
+                    progress.update(1)
+        strategy.eval()
+        stats.seconds += time.perf_counter() - started
+
+
+def grouped(batches: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    """Consecutive micro-batches in groups of ``size`` (the last group may be shorter)."""
+    group: list[dict] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
