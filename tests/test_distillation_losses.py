@@ -229,11 +229,12 @@ def test_random_token_texts_layout():
 
     # A BERT-like vocabulary (start 101, end 102, pad 0, more specials) and one without a start token.
     bert = SimpleNamespace(sot_token_id=101, eot_token_id=102, pad_token_id=0, context_length=12, vocab_size=120,
-                           tokenizer=SimpleNamespace(all_special_ids=[0, 100, 101, 102, 103]))
+                           special_token_ids=frozenset({0, 100, 101, 102, 103}))
     tokens = random_token_texts(bert, 2000, 6, torch.Generator().manual_seed(1))
     assert not torch.isin(tokens[:, 1:7], torch.tensor([0, 100, 101, 102, 103])).any()
     assert set(tokens[:, 1:7].unique().tolist()) == set(range(120)) - {0, 100, 101, 102, 103}  # all others drawn
-    siglip = SimpleNamespace(sot_token_id=None, eot_token_id=1, pad_token_id=1, context_length=8, vocab_size=50)
+    siglip = SimpleNamespace(sot_token_id=None, eot_token_id=1, pad_token_id=1, context_length=8, vocab_size=50,
+                             special_token_ids=frozenset({1}))
     tokens = random_token_texts(siglip, 3, 5, torch.Generator().manual_seed(2))
     assert (tokens[:, 5:] == 1).all() and not (tokens[:, :5] == 1).any()
     with pytest.raises(ValueError, match="positions"):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from torchvision import transforms
 
 from clipcl.config import ConfigError
 from clipcl.models import TowerView, find_blocks
-from clipcl.models.base import Backend
+from clipcl.models.base import Backend, Site
 
 SUPPORTED_MODEL_TYPES = ("clip", "siglip")
 
@@ -124,6 +124,20 @@ class HFClipBackend(Backend):
     """
 
     backend_name = "hf"
+    # transformers CLIPModel / SiglipModel: the four attention projections of every encoder layer
+    # (its attention module is not an nn.MultiheadAttention, so LoRA goes on the projections).
+    ADAPTATION_TARGETS: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {
+        "lora": {
+            "image": ("model.vision_model.encoder.layers.*.self_attn.[qkv]_proj",
+                      "model.vision_model.encoder.layers.*.self_attn.out_proj"),
+            "text": ("model.text_model.encoder.layers.*.self_attn.[qkv]_proj",
+                     "model.text_model.encoder.layers.*.self_attn.out_proj"),
+        },
+        "adapter": {
+            "image": ("model.vision_model.encoder.layers.*.mlp",),
+            "text": ("model.text_model.encoder.layers.*.mlp",),
+        },
+    }
 
     def __init__(self, name: str) -> None:
         super().__init__()
@@ -194,6 +208,40 @@ class HFClipBackend(Backend):
         if encoder is not None and hasattr(encoder, "layers"):
             return list(encoder.layers)
         return find_blocks(self.model.text_model)
+
+    # --- adaptation sites -----------------------------------------------------------------
+    def adaptation_sites(self, kind: str, towers: Sequence[str] = ("image", "text")) -> list[Site]:
+        if kind == "moe":
+            return self._moe_sites(towers)
+        if kind == "prompts" and tuple(towers) == ("image",):
+            vision = self.model.vision_model
+            if not hasattr(vision, "pre_layrnorm"):
+                raise ValueError(f"prompts: the {self.model_type} image tower has no pre-encoder norm with a "
+                                 "class token in front (CLIP has; SigLIP pools with an attention head)")
+            # CLIP's vision tower: embeddings (class token first, positions added) -> pre_layrnorm -> encoder.
+            return [Site("image", "model.vision_model.pre_layrnorm", vision, "pre_layrnorm",
+                         width=int(self.model.config.vision_config.hidden_size), layout="bld", keep_first=1)]
+        return super().adaptation_sites(kind, towers)
+
+    def _moe_sites(self, towers: Sequence[str]) -> list[Site]:
+        names = self.module_names()
+        sites = []
+        for tower in towers:
+            for layer in self.image_blocks() if tower == "image" else self.text_blocks():
+                if not (hasattr(layer, "mlp") and hasattr(layer, "layer_norm2")):
+                    raise ValueError(f"moe_adapters: the {tower} tower's {type(layer).__name__} blocks are not "
+                                     "supported (supported: CLIP and SigLIP encoder layers)")
+                # Beside the MLP, reading the residual stream before the MLP's norm (layer_norm2).
+                width = next(m for m in layer.mlp.modules() if isinstance(m, nn.Linear)).in_features
+                sites.append(Site(tower, f"{names[id(layer)]}.mlp", layer, "mlp", width=width, layout="bld",
+                                  input_from=layer.layer_norm2))
+        if not sites:
+            raise ValueError(f"moe_adapters: no block of the {'/'.join(towers)} tower(s) can take a mixture")
+        return sites
+
+    def token_embedding_site(self) -> Site:
+        embeddings = self.model.text_model.embeddings
+        return Site("text", "model.text_model.embeddings.token_embedding", embeddings, "token_embedding")
 
     # --- encoding ---------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:

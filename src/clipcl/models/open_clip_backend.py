@@ -24,7 +24,7 @@ import re
 from collections.abc import Sequence
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import open_clip
 import torch
@@ -32,7 +32,7 @@ from torch import nn
 
 from clipcl.config import ConfigError
 from clipcl.models import TowerView, find_blocks
-from clipcl.models.base import Backend
+from clipcl.models.base import Backend, Site, is_bert_layer, whole_layer_site
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 _CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
@@ -153,6 +153,19 @@ class OpenClipBackend(Backend):
     """
 
     backend_name = "open_clip"
+    # ``model.text.*`` covers CustomTextCLIP models whose text tower is an open_clip transformer.
+    ADAPTATION_TARGETS: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {
+        # LoRA on every block's nn.MultiheadAttention (q, k, v and output projections).
+        "lora": {
+            "image": ("model.visual.transformer.resblocks.*.attn",),
+            "text": ("model.transformer.resblocks.*.attn", "model.text.transformer.resblocks.*.attn"),
+        },
+        # Parallel adapters beside each transformer block's MLP (the placement He et al. 2022 found best).
+        "adapter": {
+            "image": ("model.visual.transformer.resblocks.*.mlp",),
+            "text": ("model.transformer.resblocks.*.mlp", "model.text.transformer.resblocks.*.mlp"),
+        },
+    }
 
     def __init__(self, name: str, pretrained: str | None = None, *, image_size: int | None = None,
                  cache_dir: str | None = None) -> None:
@@ -246,6 +259,50 @@ class OpenClipBackend(Backend):
         # open_clip's Transformer runs its blocks batch-first unless built with batch_first=False.
         return "bld" if getattr(transformer, "batch_first", True) else "lbd"
 
+    # --- adaptation sites -----------------------------------------------------------------
+    def adaptation_sites(self, kind: str, towers: Sequence[str] = ("image", "text")) -> list[Site]:
+        if kind == "moe":
+            return self._moe_sites(towers)
+        if kind == "prompts" and tuple(towers) == ("image",):
+            visual = self.model.visual
+            if not (hasattr(visual, "ln_pre") and hasattr(visual, "class_embedding")):
+                raise ValueError(f"prompts: the open_clip image tower {type(visual).__name__} has no token "
+                                 "sequence with a class token (a ViT)")
+            # ln_pre is the first module that sees the whole sequence (class token first, positions added).
+            return [Site("image", "model.visual.ln_pre", visual, "ln_pre", width=int(visual.class_embedding.shape[-1]),
+                         layout="bld", keep_first=1)]
+        return super().adaptation_sites(kind, towers)
+
+    def _moe_sites(self, towers: Sequence[str]) -> list[Site]:
+        from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
+
+        names = self.module_names()
+        sites = []
+        for tower in towers:
+            layout = self.block_token_layout(tower)
+            for block in self.image_blocks() if tower == "image" else self.text_blocks():
+                if isinstance(block, (ResidualAttentionBlock, CustomResidualAttentionBlock)):
+                    # Beside the MLP, reading the residual stream before the MLP's norm (ln_2).
+                    width = next(m for m in block.mlp.modules() if isinstance(m, nn.Linear)).in_features
+                    sites.append(Site(tower, f"{names[id(block)]}.mlp", block, "mlp", width=width, layout=layout,
+                                      input_from=block.ln_2))
+                elif is_bert_layer(block):  # CustomTextCLIP with a transformers text tower
+                    sites.append(whole_layer_site(tower, block, names, self))
+                else:
+                    raise ValueError(f"moe_adapters: the {tower} tower's {type(block).__name__} blocks are not "
+                                     "supported (supported: open_clip transformer blocks, BERT-like layers)")
+        if not sites:
+            raise ValueError(f"moe_adapters: no block of the {'/'.join(towers)} tower(s) can take a mixture")
+        return sites
+
+    def token_embedding_site(self) -> Site:
+        text = getattr(self.model, "text", None)
+        owner = self.model if text is None else text
+        if not hasattr(owner, "token_embedding"):
+            raise ValueError(f"open_clip text tower {type(owner).__name__} has no token_embedding table")
+        return Site("text", "model.token_embedding" if text is None else "model.text.token_embedding", owner,
+                    "token_embedding")
+
     # --- encoding ---------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
@@ -254,7 +311,16 @@ class OpenClipBackend(Backend):
         return self.model.encode_image(images)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(tokens)
+        if getattr(self.token_embedding_site().module, "rows", 0) <= self.vocab_size:
+            return self.model.encode_text(tokens)
+        return self.encode_text_embeddings(self.embed_tokens(tokens), tokens)
+
+    def encode_text_embeddings(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        # open_clip's CLIP pools at the largest id (its end token is the last of the original
+        # vocabulary), which an added id would beat: the tower reads added ids as padding, while the
+        # table's output, replaced, still comes from the real ids.
+        tokens = tokens.masked_fill(tokens >= self.vocab_size, self.pad_token_id)
+        return self._encode_text_replacing_embeddings(embeddings, tokens, self.model.encode_text)
 
     @property
     def logit_scale(self) -> nn.Parameter:

@@ -30,6 +30,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipcl.config import ConfigError, ModelConfig
-from clipcl.models.base import Backend
+from clipcl.models.base import Backend, Site, is_bert_layer, whole_layer_site
 
 STARTER_NAME = "conse-efficientnet_lite0-minilm"
 # Chosen on 1,000 Fashion-MNIST *training* images (benchmarks/starter_zero_shot.py, docs/starter.md):
@@ -48,6 +49,7 @@ DEFAULT_TEMPERATURE = 2.0
 # Border brightness below which an image counts as light-on-dark and is inverted (see _normalise_polarity).
 DARK_BORDER_THRESHOLD = 96
 CONTEXT_LENGTH = 32
+_LAST_BLOCKS = "_image.classifier._blocks.1[1-5]"  # LoRA's image targets: the last five MBConv blocks
 
 # Prompt templates for the ImageNet side (a handful of the CLIP paper's ImageNet templates; the
 # full 80 change little and cost 10x more MiniLM passes at build time).
@@ -147,6 +149,30 @@ class StarterBackend(Backend):
     """The offline ConSE dual encoder behind the Backend interface."""
 
     backend_name = "starter"
+    # Text: MiniLM's (BERT) attention projections. Image: EfficientNet-Lite0 has no attention, so LoRA
+    # goes on the pointwise (1x1) expand/project convolutions of the last five MBConv blocks (the two
+    # last stages, 192 and 320 channels), the 1x1 head convolution and the ImageNet classifier ``_fc``.
+    # The ConSE image embedding is a function of the class probabilities, so adaptation must reach the
+    # logits; the late, low-resolution layers carry the semantic features and are cheap to adapt, while
+    # the early layers (generic edges and textures) are left alone. Depthwise convolutions have too few
+    # weights per channel for a low-rank update.
+    # Adapters: BERT splits its feed-forward part over two modules (the second also adds the residual
+    # and normalises), so the text adapters sit beside whole layers. The image tower's blocks are
+    # convolutional (no feature-last width), so its adapter sits beside the classifier ``_fc``.
+    ADAPTATION_TARGETS: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {
+        "lora": {
+            "image": (f"{_LAST_BLOCKS}._expand_conv", f"{_LAST_BLOCKS}._project_conv",
+                      "_image.classifier._conv_head", "_image.classifier._fc"),
+            "text": ("_text.encoder.encoder.layer.*.attention.self.query",
+                     "_text.encoder.encoder.layer.*.attention.self.key",
+                     "_text.encoder.encoder.layer.*.attention.self.value",
+                     "_text.encoder.encoder.layer.*.attention.output.dense"),
+        },
+        "adapter": {
+            "image": ("_image.classifier._fc",),
+            "text": ("_text.encoder.encoder.layer.[0-9]", "_text.encoder.encoder.layer.[0-9][0-9]"),
+        },
+    }
 
     def __init__(self, image_size: int = DEFAULT_IMAGE_SIZE, top_k: int = DEFAULT_TOP_K,
                  temperature: float = DEFAULT_TEMPERATURE) -> None:
@@ -221,6 +247,32 @@ class StarterBackend(Backend):
     def text_blocks(self) -> list[nn.Module]:
         return list(self._text.encoder.encoder.layer)
 
+    def adaptation_sites(self, kind: str, towers: Sequence[str] = ("image", "text")) -> list[Site]:
+        if kind != "moe":
+            return super().adaptation_sites(kind, towers)
+        names = self.module_names()
+        sites = []
+        for tower in towers:
+            for block in self.image_blocks() if tower == "image" else self.text_blocks():
+                if tower == "text" and is_bert_layer(block):
+                    sites.append(whole_layer_site(tower, block, names, self))
+                elif tower == "image":
+                    # EfficientNet MBConv: beside the block, along the channels, only where the block
+                    # has an identity skip (same resolution and width in and out).
+                    arguments = block._block_args
+                    if (getattr(block, "id_skip", False) and _stride_one(arguments.stride)
+                            and arguments.input_filters == arguments.output_filters):
+                        sites.append(whole_layer_site(tower, block, names, self, width=arguments.output_filters,
+                                                      layout="bchw"))
+                else:
+                    raise ValueError(f"moe_adapters: the {tower} tower's {type(block).__name__} blocks are not "
+                                     "supported (supported: BERT layers, EfficientNet MBConv blocks)")
+        return sites
+
+    def token_embedding_site(self) -> Site:
+        embeddings = self._text.encoder.embeddings
+        return Site("text", "_text.encoder.embeddings.word_embeddings", embeddings, "word_embeddings")
+
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         encoded = self.tokenizer(list(texts), padding="max_length", truncation=True,
                                  max_length=CONTEXT_LENGTH, return_tensors="pt")
@@ -259,6 +311,11 @@ class StarterBackend(Backend):
     @property
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
+
+
+def _stride_one(stride) -> bool:
+    values = stride if isinstance(stride, (list, tuple)) else [stride]
+    return all(value == 1 for value in values)
 
 
 def _normalise_polarity(image):

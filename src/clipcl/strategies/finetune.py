@@ -30,11 +30,11 @@ class FinetuneConfig(StrategyConfig):
     """Label smoothing of the cross-entropy."""
     peft: str | None = None
     """Parameter-efficient tuning instead of training the weights themselves: ``lora`` or ``adapter``
-    (clipcl's own modules, :mod:`clipcl.models.peft`), injected into the towers ``train`` names (``all``:
+    (clipcl's own modules, :mod:`clipcl.adapt`), injected into the towers ``train`` names (``all``:
     both). Only the added parameters train; the original weights stay frozen."""
     peft_targets: list[str] | None = None
-    """Module-name patterns to inject into (None: the backend family's defaults for the chosen towers,
-    ``clipcl.models.peft.DEFAULT_LORA_TARGETS`` / ``DEFAULT_ADAPTER_TARGETS``)."""
+    """Module-name patterns to inject into (None: the backend's own defaults for the chosen towers,
+    its ``ADAPTATION_TARGETS`` table, ``backend.adaptation_targets(kind, towers)``)."""
     lora_rank: int = 8
     """LoRA rank r."""
     lora_alpha: float = 16.0
@@ -74,7 +74,7 @@ def select_parameters(backend, train: str, train_logit_scale: bool) -> dict[str,
 
 def inject_peft(backend, config: FinetuneConfig) -> dict[str, torch.nn.Parameter]:
     """Put LoRA or adapters into the towers ``config.train`` names; return the new parameters by name."""
-    from clipcl.models.peft import KINDS, default_targets, inject, peft_parameters
+    from clipcl.adapt import KINDS, added_parameters, default_targets, inject
 
     if config.peft not in KINDS:
         raise ValueError(f"strategy.peft must be one of {', '.join(KINDS)} (or null), got {config.peft!r}")
@@ -86,7 +86,7 @@ def inject_peft(backend, config: FinetuneConfig) -> dict[str, torch.nn.Parameter
         inject(backend, "lora", targets, rank=config.lora_rank, alpha=config.lora_alpha)
     else:
         inject(backend, "adapter", targets, bottleneck=config.adapter_bottleneck, scale=config.adapter_scale)
-    added = {id(parameter) for parameter in peft_parameters(backend)}
+    added = {id(parameter) for parameter in added_parameters(backend)}
     chosen = {name: parameter for name, parameter in backend.named_parameters() if id(parameter) in added}
     if config.train_logit_scale:
         chosen["logit_scale"] = backend.logit_scale

@@ -2,7 +2,7 @@
 
 The pretrained model stays frozen. Every supported block of the chosen towers gets ``num_experts``
 expert adapters and, per task (``routers: per_task``) or for the whole stream (``routers: shared``),
-a router with noisy top-k gating (:mod:`clipcl.models.moe_adapters`). A task trains its router and
+a router with noisy top-k gating (:mod:`clipcl.adapt.moe`). A task trains its router and
 the experts not yet frozen, with the CLIP cross-entropy over the task's class prompts (the text side
 runs through the text tower's experts with the same router). After the task, the
 ``freeze_experts_per_task`` experts its router chose most often in each block are frozen for good, so
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+from clipcl.adapt.moe import MoEAdapter, active_router, inject_moe_adapters
 from clipcl.data.sources import ReferenceSpec
 from clipcl.losses import classification_loss, clip_logits, normalize
-from clipcl.models.moe_adapters import MoEAdapter, active_router, inject_moe_adapters
 from clipcl.strategies.base import Strategy, StrategyConfig, class_text_features, hash_module
 from clipcl.strategies.ddas import ZERO_SHOT, DistributionSelector
 

@@ -86,21 +86,14 @@ class VRLwFConfig(FinetuneConfig):
     ZSCL's code does)."""
 
 
-def _special_token_ids(backend) -> set[int]:
-    ids = {backend.sot_token_id, backend.eot_token_id, backend.pad_token_id}
-    extra = getattr(getattr(backend, "tokenizer", None), "all_special_ids", None) or []
-    ids.update(identifier for identifier in extra if isinstance(identifier, int))
-    return {identifier for identifier in ids if identifier is not None}
-
-
 def random_token_texts(backend, count: int, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """``count`` random pseudo-texts as token ids ``LongTensor[count, context_length]``, built directly.
 
-    Each row is ``[start token, length ids, end token, padding...]`` from the backend's
-    ``sot_token_id``, ``eot_token_id``, ``pad_token_id`` and ``context_length`` (a missing start or
-    end token is left out). The random ids are uniform over the vocabulary minus the special, pad
-    and end ids, so the text tower still finds the end where it is put: open_clip's CLIP pools at the
-    largest id (CLIP's end token is the last id of its vocabulary), Hugging Face's CLIP at the first
+    Each row is ``[start token, length ids, end token, padding...]`` from the token facts the backend
+    declares: ``sot_token_id``, ``eot_token_id``, ``pad_token_id``, ``context_length``, ``vocab_size``
+    and ``special_token_ids`` (a missing start or end token is left out). The random ids are uniform
+    over the vocabulary minus the special ids, so the text tower still finds the end where it is
+    put: open_clip's CLIP pools at the largest id (CLIP's end token is the last id of its vocabulary), Hugging Face's CLIP at the first
     end token. Draws come from ``generator`` (CPU), so equal generator states give equal texts.
     """
     if count < 1 or length < 1:
@@ -112,7 +105,7 @@ def random_token_texts(backend, count: int, length: int, generator: torch.Genera
         raise ValueError(f"{length} random tokens plus start/end need {needed} positions; the text tower "
                          f"takes {context}")
     vocabulary = int(backend.vocab_size)
-    excluded = sorted(identifier for identifier in _special_token_ids(backend) if 0 <= identifier < vocabulary)
+    excluded = sorted(identifier for identifier in backend.special_token_ids if 0 <= identifier < vocabulary)
     allowed = vocabulary - len(excluded)
     if allowed < 1:
         raise ValueError("the vocabulary has no ordinary token ids")

@@ -1,4 +1,4 @@
-"""LoRA and parallel adapters (clipcl.models.peft): exact at initialisation, correct arithmetic once
+"""LoRA and parallel adapters (clipcl.adapt): exact at initialisation, correct arithmetic once
 trained, only the added parameters train, clear errors, and state dicts that round-trip."""
 
 import copy
@@ -9,23 +9,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipcl.config import ModelConfig
-from clipcl.models import build_backend
-from clipcl.models.peft import (
-    DEFAULT_ADAPTER_TARGETS,
-    DEFAULT_LORA_TARGETS,
+from clipcl.adapt import (
+    AdaptationWrapper,
     LoRAConv1x1,
     LoRALinear,
     LoRAMultiheadAttention,
     ParallelAdapter,
-    PeftWrapper,
+    added_parameters,
     default_targets,
     inject,
-    load_peft_state_dict,
-    mark_only_peft_trainable,
-    peft_parameters,
-    peft_state_dict,
 )
+from clipcl.config import ModelConfig
+from clipcl.models import build_backend
+from clipcl.models.hf_backend import HFClipBackend
+from clipcl.models.open_clip_backend import OpenClipBackend
+from clipcl.models.starter import StarterBackend
 from clipcl.models.tiny import TINY_IMAGE_SIZE, tiny_open_clip_backend, write_tiny_hf_clip
 
 TEXTS = ["a photo of a cat.", "a blurry picture of a dog", "an airplane"]
@@ -46,6 +44,36 @@ def _randomise(parameters, seed):
     with torch.no_grad():
         for parameter in parameters:
             parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+
+
+# --- state-dict helpers (for these tests only) -------------------------------------------------------
+
+
+def mark_only_added_trainable(model):
+    """Set ``requires_grad`` on the added parameters only; returns the names of the trainable ones."""
+    keep = {id(parameter) for parameter in added_parameters(model)}
+    trainable = []
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(id(parameter) in keep)
+        if id(parameter) in keep:
+            trainable.append(name)
+    return trainable
+
+
+def added_state_dict(model):
+    """The added parameters under their ``model.state_dict()`` names (detached, storage shared)."""
+    keep = {id(parameter) for parameter in added_parameters(model)}
+    return {name: parameter.detach() for name, parameter in model.named_parameters() if id(parameter) in keep}
+
+
+def load_added_state_dict(model, state):
+    """Load what :func:`added_state_dict` returned into a model injected the same way."""
+    expected = added_state_dict(model)
+    if set(expected) != set(state):
+        raise ValueError("the state does not fit this model's LoRA/adapters")
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            tensor.copy_(state[name])
 
 
 def _strip_wrappers(name):
@@ -228,8 +256,8 @@ def test_inject_leaves_the_embeddings_exactly_unchanged(backend):
 
 def test_one_step_changes_the_outputs_and_only_the_added_parameters(backend):
     model, _, _ = _injected(backend)
-    trainable = mark_only_peft_trainable(model)
-    added = peft_parameters(model)
+    trainable = mark_only_added_trainable(model)
+    added = added_parameters(model)
     assert len(trainable) == len(added) > 0
     assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in added}
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -248,13 +276,13 @@ def test_one_step_changes_the_outputs_and_only_the_added_parameters(backend):
     with torch.no_grad():
         for old, new in zip(initial, _encode(model)):
             assert not torch.equal(old, new) and (old - new).abs().max() > 1e-6
-    peft_names = set(peft_state_dict(model))
+    added_names = set(added_state_dict(model))
     changed = {name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])}
-    assert changed and changed <= peft_names
+    assert changed and changed <= added_names
     assert any(name.endswith(("lora_B.q", "q_proj.lora_B")) for name in changed)
     # Every other entry is bitwise the unmodified model's, under its original name.
     original = backend.state_dict()
-    others = [name for name in model.state_dict() if name not in peft_names]
+    others = [name for name in model.state_dict() if name not in added_names]
     assert sorted(_strip_wrappers(name) for name in others) == sorted(original)
     for name in others:
         assert torch.equal(model.state_dict()[name], original[_strip_wrappers(name)])
@@ -276,26 +304,26 @@ def test_state_dict_round_trips_into_a_freshly_injected_model(backend, tmp_path)
         for want, got in zip(expected, _encode(fresh)):
             assert torch.equal(want, got)
 
-    # Only the added parameters, through peft_state_dict / load_peft_state_dict.
+    # Only the added parameters, through added_state_dict / load_added_state_dict.
     buffer = io.BytesIO()
-    torch.save(peft_state_dict(trained), buffer)
+    torch.save(added_state_dict(trained), buffer)
     buffer.seek(0)
     other, _, _ = _injected(backend, seed=3)
-    load_peft_state_dict(other, torch.load(buffer, weights_only=True))
+    load_added_state_dict(other, torch.load(buffer, weights_only=True))
     with torch.no_grad():
         for want, got in zip(expected, _encode(other)):
             assert torch.equal(want, got)
     image_only = copy.deepcopy(backend)
     inject(image_only, "lora", default_targets(backend, towers=["image"]), rank=4, alpha=8.0)
     with pytest.raises(ValueError, match="does not fit"):
-        load_peft_state_dict(image_only, peft_state_dict(trained))
+        load_added_state_dict(image_only, added_state_dict(trained))
 
 
 # --- errors ------------------------------------------------------------------------------------------
 
 
 def _assert_untouched(model, reference):
-    assert not any(isinstance(module, PeftWrapper) for module in model.modules())
+    assert not any(isinstance(module, AdaptationWrapper) for module in model.modules())
     assert all(parameter.requires_grad for parameter in model.parameters())
     assert list(model.state_dict()) == list(reference.state_dict())
 
@@ -350,13 +378,17 @@ def test_hf_attention_module_is_not_a_lora_target(hf_backend):
 # --- default targets ---------------------------------------------------------------------------------
 
 
-def test_default_targets_cover_both_towers_of_every_family():
-    for table in (DEFAULT_LORA_TARGETS, DEFAULT_ADAPTER_TARGETS):
-        assert set(table) == {"open_clip", "hf", "starter"}
+def test_each_backend_keeps_default_targets_for_both_towers(open_clip_backend):
+    for backend_class in (OpenClipBackend, HFClipBackend, StarterBackend):
+        table = backend_class.ADAPTATION_TARGETS
+        assert set(table) == {"lora", "adapter"}
         assert all(set(towers) == {"image", "text"} and all(towers.values()) for towers in table.values())
-    assert default_targets("hf", towers=["text"]) == list(DEFAULT_LORA_TARGETS["hf"]["text"])
-    with pytest.raises(ValueError, match="no defaults"):
-        default_targets("tensorflow")
+    assert default_targets(open_clip_backend, "lora", towers=["text"]) == list(
+        OpenClipBackend.ADAPTATION_TARGETS["lora"]["text"])
+    with pytest.raises(ValueError, match="no default targets for 'prompts'"):
+        open_clip_backend.adaptation_targets("prompts", ["image"])
+    with pytest.raises(ValueError, match="towers"):
+        default_targets(open_clip_backend, "lora", towers="image")
 
 
 def test_starter_default_targets_match_the_real_module_layout():
@@ -375,8 +407,9 @@ def test_starter_default_targets_match_the_real_module_layout():
     with torch.no_grad():
         expected = starter_like._image.classifier(images), starter_like._text.encoder(input_ids=ids)[0]
 
-    lora = inject(starter_like, "lora", default_targets("starter"))
-    adapters = inject(starter_like, "adapter", default_targets("starter", "adapter"))
+    table = StarterBackend.ADAPTATION_TARGETS
+    lora = inject(starter_like, "lora", [p for tower in ("image", "text") for p in table["lora"][tower]])
+    adapters = inject(starter_like, "adapter", [p for tower in ("image", "text") for p in table["adapter"][tower]])
     convs = [name for name in lora if name.endswith(("_conv", "_conv_head"))]
     modules = dict(starter_like.named_modules())
     assert len(convs) == 11 and all(isinstance(modules[name], LoRAConv1x1) for name in convs)
