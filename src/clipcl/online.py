@@ -267,9 +267,6 @@ def run_online(config, runtime, directory, show_progress: bool) -> dict[str, Any
     backend = build_backend(config.model).to(runtime.device)
     stream = build_online_stream(config.stream, config.seed)
     strategy = build_strategy(backend, config.strategy).to(runtime.device)
-    if strategy.needs_task_boundaries:
-        raise DataError(f"strategy {config.strategy.get('name')!r} needs task boundaries; online streams have none "
-                        "(online strategies: zero_shot, finetune, sit, er, lwf)")
     strategy.eval()
     reference = snapshot_state(strategy)
     cache_dir = config.eval.cache_dir if config.eval.cache_dir is not None else default_cache_dir()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from clipcl.config import ConfigError
 from clipcl.strategies.finetune import Finetune, FinetuneConfig
 
 
@@ -24,14 +25,17 @@ class ERConfig(FinetuneConfig):
     memory_size: int = 500
     """Samples kept in the rehearsal memory (0: no memory, plain online fine-tuning)."""
 
+    def validate(self) -> None:
+        if self.memory_size < 0:
+            raise ConfigError(f"strategy.memory_size must be >= 0, got {self.memory_size}")
+        super().validate()
+
 
 class ExperienceReplay(Finetune):
     Config = ERConfig
     needs_task_boundaries = False
 
     def __init__(self, backend, config: ERConfig) -> None:
-        if config.memory_size < 0:
-            raise ValueError(f"strategy.memory_size must be >= 0, got {config.memory_size}")
         super().__init__(backend, config)
         self.memory: list[int] = []
         self.seen = 0  # samples observed so far (the reservoir's n)

@@ -32,8 +32,6 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     """
 
     def __init__(self, size: int, batch_size: int, epochs: int, seed: int, rank: int, world_size: int):
-        if batch_size % world_size:
-            raise ValueError(f"train.batch_size ({batch_size}) must be divisible by train.devices ({world_size})")
         self.size, self.batch_size, self.epochs = size, batch_size, epochs
         self.seed, self.rank, self.world_size = seed, rank, world_size
         # Drop the ragged last batch so every step has the same size on every process; a task
