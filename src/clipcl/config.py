@@ -275,8 +275,8 @@ class RunConfig:
             name = self.strategy.get("name")
             if STRATEGIES[name].needs_task_boundaries:
                 online = ", ".join(key for key, cls in STRATEGIES.items() if not cls.needs_task_boundaries)
-                raise ConfigError(f"strategy {name!r} needs task boundaries; online streams have none "
-                                  f"(online strategies: {online})")
+                raise ConfigError(f"strategy.name: {name!r} needs task boundaries; stream.protocol=si_blurry has "
+                                  f"none (online strategies: {online})")
             # The online loop runs in one process (clipcl.online.train_online).
             if self.train.devices != 1:
                 raise ConfigError("train.devices must be 1 for stream.protocol=si_blurry: online runs use one process")

@@ -126,6 +126,7 @@ def run_experiment(config: RunConfig, *, restart: bool = False, show_progress: b
 
     ``stop_after_task`` stops after that task's checkpoint, as an interruption would (for tests).
     """
+    config.validate()  # again: a field may have been changed in place; nothing is built or written before
     if config.train.devices > 1:
         return _spawn(config, restart=restart, show_progress=show_progress, stop_after_task=stop_after_task)
     runtime = Runtime(pick_device(config.train.accelerator), config.train.precision)
