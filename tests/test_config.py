@@ -21,7 +21,7 @@ from clipcl.config import (
     to_dict,
 )
 from clipcl.run import run_experiment
-from clipcl.strategies import STRATEGIES, strategy_config
+from clipcl.strategies import STRATEGIES, describe, presets, strategy_config
 
 ONLINE = "stream.protocol=si_blurry"
 
@@ -121,7 +121,17 @@ def test_defaults_and_shipped_configs_are_valid_and_round_trip():
         config = load_config(path)
         assert to_dict(from_dict(RunConfig, to_dict(config))) == to_dict(config), name
     for name, cls in STRATEGIES.items():
-        assert strategy_config({"name": name}) == cls.Config(name=name)
+        assert strategy_config({"name": name}) == cls.Config(name=name, **presets().get(name, {}).get("defaults", {}))
+
+
+def test_a_preset_is_its_base_method_with_other_defaults():
+    assert STRATEGIES["sit"] is STRATEGIES["finetune"]
+    config = strategy_config({"name": "sit"})
+    assert (config.name, config.peft, config.label_space) == ("sit", "lora", "batch")
+    assert strategy_config({"name": "sit", "label_space": "task"}).label_space == "task"  # the user's keys win
+    with pytest.raises(ConfigError, match="unknown key 'strategy.memory_size'"):
+        strategy_config({"name": "sit", "memory_size": 4})
+    assert "SIT" in describe("sit") and "\n" not in describe("sit")
 
 
 def test_edge_values_stay_valid():
