@@ -5,8 +5,7 @@ import json
 import pytest
 import torch
 
-from clipcl.config import StreamConfig
-from clipcl.data.base import DataError
+from clipcl.config import ConfigError, StreamConfig
 from clipcl.data.memory import ReservoirMemory
 from clipcl.data.streams import build_stream
 from clipcl.models.tiny import tiny_open_clip_backend
@@ -54,7 +53,8 @@ def test_online_run_gives_an_anytime_curve(tiny_run_config, tmp_path):
 
 
 def test_strategies_that_need_task_boundaries_are_refused_online(tiny_run_config, tmp_path):
-    with pytest.raises(DataError, match="needs task boundaries"):
+    # Refused by the config, before any model or data loads.
+    with pytest.raises(ConfigError, match="needs task boundaries"):
         run_experiment(online_config(tiny_run_config, {"name": "vr_lwf"}, tmp_path), show_progress=False)
 
 

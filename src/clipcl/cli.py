@@ -55,12 +55,11 @@ def command_run(args: argparse.Namespace) -> int:
 def command_list(args: argparse.Namespace) -> int:
     from clipcl.data.registry import STREAM_ORDERS, available_datasets
     from clipcl.data.streams import PROTOCOLS
-    from clipcl.strategies import STRATEGIES
+    from clipcl.strategies import STRATEGIES, describe
 
     print("strategies:")
-    for name, cls in STRATEGIES.items():
-        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-        print(f"  {name:<14} {doc[0] if doc else ''}")
+    for name in STRATEGIES:
+        print(f"  {name:<14} {describe(name)}")
     from clipcl.config import shipped_configs
 
     print("shipped configs (clipcl run NAME):")

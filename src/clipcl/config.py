@@ -3,23 +3,73 @@
 A run config mirrors the object tree: ``model``, ``stream``, ``strategy``, ``train``, ``eval``.
 Unknown keys are rejected with the list of valid ones, so a typo never silently does nothing.
 The ``strategy`` section is validated against the chosen strategy's own ``Config`` dataclass.
+
+Every config dataclass checks its values' ranges and consistency in ``validate()``, which its
+``__post_init__`` calls, so a config object that exists is valid and a bad value fails with one
+line (a :class:`ConfigError` naming the dotted key) before any dataset or model is built. Call
+``validate()`` again after changing a field in place. Checks that need the machine (a CUDA device
+for ``train.accelerator=cuda`` or ``train.precision=fp16``) are made where the device is picked,
+:mod:`clipcl.train.runtime`, which also runs before any model is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
 
-from clipcl.engine.observers import ObserveConfig
-
 
 class ConfigError(ValueError):
     """A bad configuration. The message is one line naming the key and what is allowed."""
+
+
+BACKENDS = ("starter", "open_clip", "hf")
+"""Valid values of ``model.backend``."""
+LR_SCHEDULES = ("cosine", "constant")
+PROTOCOLS = ("class_incremental", "multi_domain", "xtail", "si_blurry")
+"""Valid values of ``stream.protocol``."""
+PRECISIONS = ("fp32", "bf16", "fp16")
+"""Valid values of ``train.precision``."""
+ACCELERATORS = ("auto", "cpu", "cuda")
+"""Valid values of ``train.accelerator``."""
+
+
+def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise ConfigError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def check_integer(key: str, value: Any, minimum: int, optional: bool = False) -> None:
+    """Raise ConfigError unless ``value`` is an integer >= ``minimum`` (or None when ``optional``)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}{' (or null)' if optional else ''}, got {value!r}")
+
+
+def check_number(key: str, value: Any, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, optional: bool = False) -> None:
+    """Raise ConfigError unless ``value`` is a finite number in the range ``[low, high]`` (``(low, high]``
+    with ``low_open``; an end that is None is unbounded), or None when ``optional``."""
+    if value is None and optional:
+        return
+    good = not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
+    good = good and (low is None or (value > low if low_open else value >= low)) and (high is None or value <= high)
+    if not good:
+        if low is not None and high is not None:
+            allowed = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+        elif low is not None:
+            allowed = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            allowed = f"<= {high:g}"
+        raise ConfigError(f"{key} must be a finite number {allowed}{' (or null)' if optional else ''}, got {value!r}")
 
 
 @dataclass
@@ -36,6 +86,24 @@ class ModelConfig:
     image_size: int | None = None
     """Override the input resolution (starter and open_clip; it trades speed for accuracy)."""
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError, with a one-line message, on a value out of range."""
+        check_choice("model.backend", self.backend, BACKENDS)
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"model.name must be a non-empty string, got {self.name!r}")
+        check_integer("model.image_size", self.image_size, 1, optional=True)
+        if self.backend == "starter" and self.pretrained is not None:
+            raise ConfigError("model.pretrained is not used by the starter backend (its weights ship in its packages)")
+        if self.backend == "hf" and self.pretrained is not None:
+            raise ConfigError("model.pretrained is not used by the hf backend: its weights are the ones in "
+                              "the directory or hub repository named by model.name")
+        if self.backend == "hf" and self.image_size is not None:
+            raise ConfigError("model.image_size is not supported by the hf backend; set the image processor's "
+                              "size in the model directory instead")
+
 
 @dataclass
 class StreamConfig:
@@ -43,7 +111,7 @@ class StreamConfig:
 
     protocol: str = "multi_domain"
     """``class_incremental``, ``multi_domain`` (MTIL, task id known), ``xtail`` (no domain id) or
-    ``si_blurry`` (one online stream with stochastic blurry task boundaries; see clipcl.online)."""
+    ``si_blurry`` (one online stream with stochastic blurry task boundaries; see clipcl.engine.online)."""
     datasets: list[str] = field(default_factory=lambda: ["fashion_mnist", "mnist_5k", "digits"])
     """Datasets in training order (class_incremental uses the first one), or an order name
     such as ``mtil_order_1``."""
@@ -68,6 +136,21 @@ class StreamConfig:
     """si_blurry: N, the share of classes that are disjoint (all their samples in one hidden task)."""
     blurry_sample_ratio: float = 0.1
     """si_blurry: M, the share of the blurry classes' samples that arrive in other hidden tasks."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError, with a one-line message, on a value out of range."""
+        check_choice("stream.protocol", self.protocol, PROTOCOLS)
+        if not self.datasets:
+            raise ConfigError("stream.datasets must name at least one dataset (or a stream order)")
+        check_integer("stream.num_tasks", self.num_tasks, 1)
+        check_integer("stream.class_order_seed", self.class_order_seed, 0, optional=True)
+        for name in ("train_samples_per_task", "test_samples_per_task", "heldout_samples"):
+            check_integer(f"stream.{name}", getattr(self, name), 1, optional=True)
+        for name in ("disjoint_class_ratio", "blurry_sample_ratio"):
+            check_number(f"stream.{name}", getattr(self, name), 0.0, 1.0)
 
 
 @dataclass
@@ -106,6 +189,31 @@ class TrainConfig:
     ``constant`` (warm-up, then the peak rate). None: cosine for task streams, constant for online
     streams (whose end the learner is not told; the online schedule spans the stream's length)."""
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError, with a one-line message, on a value out of range."""
+        check_integer("train.epochs", self.epochs, 1)
+        check_integer("train.max_steps_per_task", self.max_steps_per_task, 1, optional=True)
+        check_integer("train.batch_size", self.batch_size, 1)
+        check_integer("train.grad_accumulation", self.grad_accumulation, 1)
+        check_number("train.lr", self.lr, 0.0, low_open=True)
+        check_number("train.weight_decay", self.weight_decay, 0.0)
+        check_integer("train.warmup_steps", self.warmup_steps, 0)
+        check_choice("train.precision", self.precision, PRECISIONS)
+        check_integer("train.devices", self.devices, 1)
+        check_choice("train.accelerator", self.accelerator, ACCELERATORS)
+        check_integer("train.num_workers", self.num_workers, 0)
+        check_number("train.max_grad_norm", self.max_grad_norm, 0.0, low_open=True, optional=True)
+        check_integer("train.online_iter", self.online_iter, 1)
+        if self.lr_schedule is not None:
+            check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        # Every process takes an equal slice of each global batch (clipcl.engine.batches.GlobalBatchSampler).
+        if self.batch_size % self.devices:
+            raise ConfigError(f"train.batch_size ({self.batch_size}) must be divisible by train.devices "
+                              f"({self.devices})")
+
 
 @dataclass
 class EvalConfig:
@@ -130,6 +238,48 @@ class EvalConfig:
     eval_period: int = 1000
     """si_blurry: evaluate on all classes seen so far every this many stream samples (and at the end)."""
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError, with a one-line message, on a value out of range."""
+        check_integer("eval.batch_size", self.batch_size, 1)
+        check_integer("eval.retrieval_images", self.retrieval_images, 1, optional=True)
+        check_integer("eval.eval_period", self.eval_period, 1)
+
+
+@dataclass
+class ObserveConfig:
+    """What watches the run: progress bars and experiment trackers. None of it changes a number."""
+
+    progress: bool = True
+    """tqdm bars on stderr, one per experience (main process only)."""
+    tensorboard: bool = True
+    """TensorBoard event files under ``<output_dir>/tensorboard``; view with ``tensorboard --logdir runs/``."""
+    wandb: bool = False
+    """Weights & Biases, if ``wandb`` is installed; offline mode unless ``WANDB_MODE`` or ``WANDB_API_KEY``
+    is set. Files go under ``<output_dir>/wandb``."""
+    wandb_project: str = "clipcl"
+    """The Weights & Biases project the run is logged to."""
+    mlflow: bool = False
+    """MLflow, if ``mlflow`` is installed; tracking URI from ``MLFLOW_TRACKING_URI``, else a SQLite store
+    with its artifacts under ``<output_dir>/mlflow``."""
+    mlflow_experiment: str = "clipcl"
+    """The MLflow experiment the run is logged to."""
+    log_every: int = 1
+    """Training steps between logged step events (>= 1); bars still advance every step."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if isinstance(self.log_every, bool) or not isinstance(self.log_every, int) or self.log_every < 1:
+            raise ConfigError(f"observe.log_every must be an integer >= 1, got {self.log_every!r}")
+        for name in ("wandb_project", "mlflow_experiment"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"observe.{name} must be a non-empty string, got {getattr(self, name)!r}")
+
+
 
 @dataclass
 class RunConfig:
@@ -149,6 +299,25 @@ class RunConfig:
     """Run directory: config, results, checkpoints, summary."""
     name: str | None = None
     """A label for reports (default: the strategy name)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Validate every section (again: a field may have been changed in place), the strategy section
+        against its strategy's Config, and what the sections must agree on."""
+        for section in (self.model, self.stream, self.train, self.eval, self.observe):
+            section.validate()
+        check_integer("seed", self.seed, 0)
+        from clipcl.strategies import STRATEGIES, strategy_config
+
+        strategy_config(self.strategy)
+        if self.stream.protocol == "si_blurry":
+            name = self.strategy.get("name")
+            if STRATEGIES[name].needs_task_boundaries:
+                online = ", ".join(key for key, cls in STRATEGIES.items() if not cls.needs_task_boundaries)
+                raise ConfigError(f"strategy.name: {name!r} needs task boundaries; stream.protocol=si_blurry has "
+                                  f"none (online strategies: {online})")
 
     @property
     def label(self) -> str:
@@ -289,12 +458,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path} must hold a mapping at the top level")
         data = loaded or {}
     data = apply_overrides(data, list(overrides or []))
-    config = from_dict(RunConfig, data)
-    # Validate the strategy section now, so a typo fails before any data or model loads.
-    from clipcl.strategies import strategy_config
-
-    strategy_config(config.strategy)
-    return config
+    # RunConfig validates every section, the strategy's included, so a typo or a value out of range
+    # fails here, before any data or model loads.
+    return from_dict(RunConfig, data)
 
 
 def config_fingerprint(config: RunConfig) -> str:

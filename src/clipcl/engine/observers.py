@@ -20,42 +20,14 @@ import copy
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from clipcl.config import ObserveConfig
 
 
 class ObserverWarning(UserWarning):
     """An observer failed or could not start; the run goes on without it."""
-
-
-@dataclass
-class ObserveConfig:
-    """What watches the run: progress bars and experiment trackers. None of it changes a number."""
-
-    progress: bool = True
-    """tqdm bars on stderr, one per experience (main process only)."""
-    tensorboard: bool = True
-    """TensorBoard event files under ``<output_dir>/tensorboard``; view with ``tensorboard --logdir runs/``."""
-    wandb: bool = False
-    """Weights & Biases, if ``wandb`` is installed; offline mode unless ``WANDB_MODE`` or ``WANDB_API_KEY``
-    is set. Files go under ``<output_dir>/wandb``."""
-    wandb_project: str = "clipcl"
-    """The Weights & Biases project the run is logged to."""
-    mlflow: bool = False
-    """MLflow, if ``mlflow`` is installed; tracking URI from ``MLFLOW_TRACKING_URI``, else a SQLite store
-    with its artifacts under ``<output_dir>/mlflow``."""
-    mlflow_experiment: str = "clipcl"
-    """The MLflow experiment the run is logged to."""
-    log_every: int = 1
-    """Training steps between logged step events (>= 1); bars still advance every step."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.log_every, bool) or not isinstance(self.log_every, int) or self.log_every < 1:
-            raise ValueError(f"observe.log_every must be an integer >= 1, got {self.log_every!r}")
-        for name in ("wandb_project", "mlflow_experiment"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"observe.{name} must be a non-empty string, got {getattr(self, name)!r}")
 
 
 class Observer:

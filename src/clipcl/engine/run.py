@@ -51,6 +51,7 @@ def run_experiment(config: RunConfig, *, restart: bool = False, show_progress: b
     ``stop_after_task`` (task streams) and ``stop_after_samples`` (online streams) stop after the
     checkpoint at that point, as an interruption would (for tests).
     """
+    config.validate()  # a field changed in place after loading fails here, before anything is built
     kwargs = {"restart": restart, "show_progress": show_progress, "stop_after_task": stop_after_task,
               "stop_after_samples": stop_after_samples}
     if config.train.devices > 1:

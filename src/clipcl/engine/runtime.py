@@ -18,16 +18,18 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from clipcl.config import ConfigError
+
 
 def pick_device(accelerator: str) -> torch.device:
+    """The device for ``train.accelerator`` (already one of auto, cpu, cuda: TrainConfig checks that).
+    Whether a CUDA device is there is known only on the machine, so that check is made here."""
     if accelerator == "cpu":
         return torch.device("cpu")
     if accelerator == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("train.accelerator=cuda but no CUDA device is visible")
+            raise ConfigError("train.accelerator=cuda but no CUDA device is visible")
         return torch.device("cuda")
-    if accelerator != "auto":
-        raise ValueError(f"train.accelerator must be auto, cpu or cuda, got {accelerator!r}")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -38,10 +40,9 @@ class Runtime:
     world_size = 1
 
     def __init__(self, device: torch.device, precision: str = "fp32") -> None:
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {precision!r}")
+        # ``precision`` is one of fp32, bf16, fp16 (TrainConfig checks that); fp16 also needs the device.
         if precision == "fp16" and device.type != "cuda":
-            raise ValueError("train.precision=fp16 needs a CUDA device; use bf16 on CPU")
+            raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 on CPU")
         self.device = device
         self.precision = precision
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None

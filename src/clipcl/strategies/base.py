@@ -36,6 +36,13 @@ class StrategyConfig:
     name: str = ""
     """The strategy's name in ``STRATEGIES``."""
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError, with a one-line ``strategy.x must be ...`` message, on a bad value.
+        Subclasses add their checks and call ``super().validate()``."""
+
 
 def class_text_features(backend: Backend, classes: list[ClassText], ensemble: bool = True) -> torch.Tensor:
     """One normalised text embedding per class.

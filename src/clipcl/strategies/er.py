@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from clipcl.config import ConfigError
+from clipcl.data.memory import KINDS as MEMORY_KINDS
 from clipcl.data.memory import ReplaySpec
 from clipcl.losses import classification_loss, clip_logits
 from clipcl.strategies.base import class_text_features
@@ -29,16 +31,21 @@ class ERConfig(FinetuneConfig):
     memory: str = "reservoir"
     """``reservoir`` (a uniform sample of the stream) or ``class_balanced``."""
 
+    def validate(self) -> None:
+        if self.memory_size < 0:
+            raise ConfigError(f"strategy.memory_size must be >= 0, got {self.memory_size}")
+        if self.memory not in MEMORY_KINDS:
+            raise ConfigError(f"strategy.memory must be one of {', '.join(MEMORY_KINDS)}, got {self.memory!r}")
+        if self.label_space != "task":
+            raise ConfigError("strategy.label_space: er trains on the current label space; only 'task' is supported")
+        super().validate()
+
 
 class ExperienceReplay(Finetune):
     Config = ERConfig
     needs_task_boundaries = False
 
     def __init__(self, backend, config: ERConfig) -> None:
-        if config.memory_size < 0:
-            raise ValueError(f"strategy.memory_size must be >= 0, got {config.memory_size}")
-        if config.label_space != "task":
-            raise ValueError("strategy.label_space: er trains on the current label space; only 'task' is supported")
         super().__init__(backend, config)
 
     def sources(self) -> dict:

@@ -12,11 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
+from clipcl.config import ConfigError
 from clipcl.losses import classification_loss, clip_logits
 from clipcl.strategies.base import Strategy, StrategyConfig, class_text_features
 
 PARTS = ("all", "image", "text")
 LABEL_SPACES = ("task", "batch")
+PEFT_KINDS = ("lora", "adapter")
+"""Valid values of ``strategy.peft`` (the kinds of :func:`clipcl.models.peft.inject`)."""
 
 
 @dataclass
@@ -48,6 +51,16 @@ class FinetuneConfig(StrategyConfig):
     stream, every class seen so far) or ``batch`` (only the classes present in the batch, as SIT does,
     Wang et al. 2024)."""
 
+    def validate(self) -> None:
+        if self.label_space not in LABEL_SPACES:
+            raise ConfigError(f"strategy.label_space must be one of {', '.join(LABEL_SPACES)}, got {self.label_space!r}")
+        if self.peft is not None:
+            if self.peft not in PEFT_KINDS:
+                raise ConfigError(f"strategy.peft must be one of {', '.join(PEFT_KINDS)} (or null), got {self.peft!r}")
+            if self.train not in PARTS:
+                raise ConfigError("strategy.train must be all, image or text when strategy.peft is set")
+        super().validate()
+
 
 def select_parameters(backend, train: str, train_logit_scale: bool) -> dict[str, torch.nn.Parameter]:
     """The backend parameters a fine-tuning choice trains, by name. Raises ValueError on a bad choice."""
@@ -74,13 +87,9 @@ def select_parameters(backend, train: str, train_logit_scale: bool) -> dict[str,
 
 def inject_peft(backend, config: FinetuneConfig) -> dict[str, torch.nn.Parameter]:
     """Put LoRA or adapters into the towers ``config.train`` names; return the new parameters by name."""
-    from clipcl.adapt import KINDS, added_parameters, default_targets, inject
+    from clipcl.adapt import added_parameters, default_targets, inject
 
-    if config.peft not in KINDS:
-        raise ValueError(f"strategy.peft must be one of {', '.join(KINDS)} (or null), got {config.peft!r}")
-    towers = {"all": ("image", "text"), "image": ("image",), "text": ("text",)}.get(config.train)
-    if towers is None:
-        raise ValueError("strategy.train must be all, image or text when strategy.peft is set")
+    towers = {"all": ("image", "text"), "image": ("image",), "text": ("text",)}[config.train]
     targets = config.peft_targets or default_targets(backend, config.peft, towers)
     if config.peft == "lora":
         inject(backend, "lora", targets, rank=config.lora_rank, alpha=config.lora_alpha)
@@ -98,8 +107,6 @@ class Finetune(Strategy):
     needs_task_boundaries = False  # usable on online streams (the whole stream is one "task")
 
     def __init__(self, backend, config: FinetuneConfig) -> None:
-        if config.label_space not in LABEL_SPACES:
-            raise ValueError(f"strategy.label_space must be one of {', '.join(LABEL_SPACES)}, got {config.label_space!r}")
         super().__init__(backend, config)
         if config.peft is not None:
             chosen = inject_peft(backend, config)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from clipcl.config import ConfigError
 from clipcl.losses import classification_loss, clip_logits, distillation_kl, normalize
 from clipcl.strategies.finetune import Finetune, FinetuneConfig
 from clipcl.strategies.teacher import Teacher
@@ -42,19 +43,22 @@ class LwFConfig(FinetuneConfig):
     """Also distil the transposed logits (each class prompt's distribution over the batch's images),
     as ZSCL's re-implementation of LwF does (its ``--image_loss --text_loss``). Off in the paper."""
 
+    def validate(self) -> None:
+        if self.alpha < 0:
+            raise ConfigError(f"strategy.alpha must be >= 0, got {self.alpha}")
+        if self.temperature <= 0:
+            raise ConfigError(f"strategy.temperature must be > 0, got {self.temperature}")
+        if self.teacher_refresh_every is not None and self.teacher_refresh_every < 1:
+            raise ConfigError(f"strategy.teacher_refresh_every must be >= 1 (or null), got {self.teacher_refresh_every}")
+        if self.label_space != "task":
+            raise ConfigError("strategy.label_space: lwf distils over the task's classes; only 'task' is supported")
+        super().validate()
+
 
 class LwF(Finetune):
     Config = LwFConfig
 
     def __init__(self, backend, config: LwFConfig) -> None:
-        if config.alpha < 0:
-            raise ValueError(f"strategy.alpha must be >= 0, got {config.alpha}")
-        if config.temperature <= 0:
-            raise ValueError(f"strategy.temperature must be > 0, got {config.temperature}")
-        if config.teacher_refresh_every is not None and config.teacher_refresh_every < 1:
-            raise ValueError(f"strategy.teacher_refresh_every must be >= 1 (or null), got {config.teacher_refresh_every}")
-        if config.label_space != "task":
-            raise ValueError("strategy.label_space: lwf distils over the task's classes; only 'task' is supported")
         super().__init__(backend, config)
         # Not a module attribute: the teacher is rebuilt from the current weights in before_task.
         self._teacher: Teacher | None = None

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from clipcl.adapt.moe import MoEAdapter, active_router, inject_moe_adapters
+from clipcl.config import ConfigError
 from clipcl.data.sources import ReferenceSpec
 from clipcl.losses import classification_loss, clip_logits, normalize
 from clipcl.strategies.base import Strategy, StrategyConfig, class_text_features, hash_module
@@ -79,24 +80,27 @@ class MoEAdaptersConfig(StrategyConfig):
     ddas_reference_samples: int = 1000
     """At most this many reference images (a seeded draw)."""
 
+    def validate(self) -> None:
+        if self.train not in TOWERS:
+            raise ConfigError(f"strategy.train must be one of {', '.join(TOWERS)} for moe_adapters, got {self.train!r}")
+        if self.routers not in ROUTERS:
+            raise ConfigError(f"strategy.routers must be one of {', '.join(ROUTERS)}, got {self.routers!r}")
+        if self.selector not in SELECTORS:
+            raise ConfigError(f"strategy.selector must be one of {', '.join(SELECTORS)}, got {self.selector!r}")
+        if not 0 <= self.freeze_experts_per_task <= self.num_experts:
+            raise ConfigError("strategy.freeze_experts_per_task must be between 0 and num_experts")
+        if not 0.0 <= self.ddas_calibration_fraction < 1.0:
+            raise ConfigError("strategy.ddas_calibration_fraction must be in [0, 1)")
+        if not 0.0 < self.ddas_quantile <= 1.0:
+            raise ConfigError("strategy.ddas_quantile must be in (0, 1]")
+        super().validate()
+
 
 class MoEAdapters(Strategy):
     Config = MoEAdaptersConfig
     needs_task_boundaries = True
 
     def __init__(self, backend, config: MoEAdaptersConfig) -> None:
-        if config.train not in TOWERS:
-            raise ValueError(f"strategy.train must be one of {', '.join(TOWERS)} for moe_adapters, got {config.train!r}")
-        if config.routers not in ROUTERS:
-            raise ValueError(f"strategy.routers must be one of {', '.join(ROUTERS)}, got {config.routers!r}")
-        if config.selector not in SELECTORS:
-            raise ValueError(f"strategy.selector must be one of {', '.join(SELECTORS)}, got {config.selector!r}")
-        if not 0 <= config.freeze_experts_per_task <= config.num_experts:
-            raise ValueError("strategy.freeze_experts_per_task must be between 0 and num_experts")
-        if not 0.0 <= config.ddas_calibration_fraction < 1.0:
-            raise ValueError("strategy.ddas_calibration_fraction must be in [0, 1)")
-        if not 0.0 < config.ddas_quantile <= 1.0:
-            raise ValueError("strategy.ddas_quantile must be in (0, 1]")
         super().__init__(backend, config)
         # The frozen image tower's identity, taken before any expert exists: DDAS features are exactly
         # the zero-shot model's image features, so they share its cache entries.

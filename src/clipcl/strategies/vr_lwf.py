@@ -32,6 +32,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from clipcl.config import ConfigError
 from clipcl.losses import classification_loss, clip_logits, distillation_kl, normalize
 from clipcl.strategies.base import class_text_features
 from clipcl.strategies.finetune import Finetune, FinetuneConfig
@@ -85,6 +86,12 @@ class VRLwFConfig(FinetuneConfig):
     pseudo-text features on both sides, so only the image tower gets the term's gradient (zscl, as
     ZSCL's code does)."""
 
+    def validate(self) -> None:
+        _resolved(self)  # checks the variant and the values it resolves to
+        if self.label_space != "task":
+            raise ConfigError("strategy.label_space: vr_lwf distils over the task's classes; only 'task' is supported")
+        super().validate()
+
 
 def random_token_texts(backend, count: int, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """``count`` random pseudo-texts as token ids ``LongTensor[count, context_length]``, built directly.
@@ -127,20 +134,20 @@ def random_token_texts(backend, count: int, length: int, generator: torch.Genera
 
 def _resolved(config: VRLwFConfig) -> dict[str, object]:
     if config.variant not in VARIANTS:
-        raise ValueError(f"strategy.variant must be one of {', '.join(VARIANTS)}, got {config.variant!r}")
+        raise ConfigError(f"strategy.variant must be one of {', '.join(VARIANTS)}, got {config.variant!r}")
     values = dict(VARIANTS[config.variant])
     for field in fields(VRLwFConfig):
         if field.name in values and getattr(config, field.name) is not None:
             values[field.name] = getattr(config, field.name)
     for name in ("resample_every_batch", "text_to_image", "seen_classes_kl", "distill_text_tower"):
         if not isinstance(values[name], bool):
-            raise ValueError(f"strategy.{name}: expected true or false, got {values[name]!r}")  # noqa: TRY004 (a config error)
+            raise ConfigError(f"strategy.{name}: expected true or false, got {values[name]!r}")
     if float(values["alpha"]) < 0:
-        raise ValueError(f"strategy.alpha must be >= 0, got {values['alpha']}")
+        raise ConfigError(f"strategy.alpha must be >= 0, got {values['alpha']}")
     if float(values["temperature"]) <= 0:
-        raise ValueError(f"strategy.temperature must be > 0, got {values['temperature']}")
+        raise ConfigError(f"strategy.temperature must be > 0, got {values['temperature']}")
     if int(values["pseudo_texts"]) < 1 or int(values["pseudo_length"]) < 1:
-        raise ValueError("strategy.pseudo_texts and strategy.pseudo_length must be >= 1")
+        raise ConfigError("strategy.pseudo_texts and strategy.pseudo_length must be >= 1")
     return values
 
 
@@ -155,8 +162,6 @@ class VRLwF(Finetune):
 
     def __init__(self, backend, config: VRLwFConfig) -> None:
         settings = _resolved(config)
-        if config.label_space != "task":
-            raise ValueError("strategy.label_space: vr_lwf distils over the task's classes; only 'task' is supported")
         super().__init__(backend, config)
         #: The variant's values with the config's overrides applied.
         self.settings = settings

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from clipcl.config import ConfigError
 from clipcl.strategies.finetune import Finetune, FinetuneConfig
 
 
@@ -20,14 +21,17 @@ class WiseFTConfig(FinetuneConfig):
     alpha: float = 0.5
     """Weight of the fine-tuned model in the interpolation (0 = zero-shot, 1 = plain fine-tuning)."""
 
+    def validate(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"strategy.alpha must be in [0, 1], got {self.alpha}")
+        super().validate()
+
 
 class WiseFT(Finetune):
     Config = WiseFTConfig
     needs_task_boundaries = True  # interpolates with the zero-shot weights after each task
 
     def __init__(self, backend, config: WiseFTConfig) -> None:
-        if not 0.0 <= config.alpha <= 1.0:
-            raise ValueError(f"strategy.alpha must be in [0, 1], got {config.alpha}")
         super().__init__(backend, config)
         # The zero-shot weights of the trained parameters, taken at construction, i.e. before any
         # training or checkpoint loading. Kept outside the state dict: they are the pretrained model.

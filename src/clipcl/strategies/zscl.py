@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from clipcl.config import ConfigError
 from clipcl.data.base import DataError
 from clipcl.data.sources import PREPROCESSING, ReferenceSpec
 from clipcl.losses import classification_loss, clip_logits, l2_drift, normalize, two_way_distillation_kl
@@ -76,6 +77,27 @@ class ZSCLConfig(FinetuneConfig):
     average_every: int = 100
     """Fold the weights into the running average every this many steps (ZSCL's ``--avg_freq 100``)."""
 
+    def validate(self) -> None:
+        if self.reference_preprocess not in PREPROCESSING:
+            raise ConfigError(f"strategy.reference_preprocess must be one of {', '.join(PREPROCESSING)}, "
+                              f"got {self.reference_preprocess!r}")
+        if self.temperature <= 0:
+            raise ConfigError(f"strategy.temperature must be > 0, got {self.temperature}")
+        for name in ("distill_weight", "l2_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"strategy.{name} must be >= 0, got {getattr(self, name)}")
+        if self.average_every < 1:
+            raise ConfigError(f"strategy.average_every must be >= 1, got {self.average_every}")
+        if self.reference_cache_mb < 0:
+            raise ConfigError(f"strategy.reference_cache_mb must be >= 0, got {self.reference_cache_mb}")
+        for name in ("reference_samples", "reference_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"strategy.{name} must be >= 1 (or null), got {value}")
+        if self.label_space != "task":
+            raise ConfigError("strategy.label_space: zscl distils over the task's classes; only 'task' is supported")
+        super().validate()
+
 
 def dataset_of(task) -> str:
     """The registry name of a task's dataset (its training split's name)."""
@@ -88,24 +110,6 @@ class ZSCL(Finetune):
     needs_task_boundaries = True  # anchors and weight averaging restart at every task
 
     def __init__(self, backend, config: ZSCLConfig) -> None:
-        if config.reference_preprocess not in PREPROCESSING:
-            raise ValueError(f"strategy.reference_preprocess must be one of {', '.join(PREPROCESSING)}, "
-                             f"got {config.reference_preprocess!r}")
-        if config.temperature <= 0:
-            raise ValueError(f"strategy.temperature must be > 0, got {config.temperature}")
-        for name in ("distill_weight", "l2_weight"):
-            if getattr(config, name) < 0:
-                raise ValueError(f"strategy.{name} must be >= 0, got {getattr(config, name)}")
-        if config.average_every < 1:
-            raise ValueError(f"strategy.average_every must be >= 1, got {config.average_every}")
-        if config.reference_cache_mb < 0:
-            raise ValueError(f"strategy.reference_cache_mb must be >= 0, got {config.reference_cache_mb}")
-        for name in ("reference_samples", "reference_batch_size"):
-            value = getattr(config, name)
-            if value is not None and value < 1:
-                raise ValueError(f"strategy.{name} must be >= 1 (or null), got {value}")
-        if config.label_space != "task":
-            raise ValueError("strategy.label_space: zscl distils over the task's classes; only 'task' is supported")
         super().__init__(backend, config)
         # The zero-shot teacher: copied now, before any training or checkpoint loading.
         self._zero_shot = Teacher(backend)
