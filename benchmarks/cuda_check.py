@@ -25,12 +25,12 @@ import torch
 from clipcl.config import ModelConfig, RunConfig, StreamConfig, from_dict
 from clipcl.data.base import SubsetDataset
 from clipcl.data.streams import build_stream
+from clipcl.engine.runtime import Runtime
 from clipcl.eval.evaluator import image_features, predict
 from clipcl.models import build_backend
 from clipcl.models.tiny import write_tiny_open_clip_config
 from clipcl.run import run_experiment
 from clipcl.strategies import build_strategy
-from clipcl.engine.runtime import Runtime
 
 STRATEGIES = [
     {"name": "finetune", "train": "all"},

@@ -20,13 +20,13 @@ import torch
 
 from clipcl.config import load_config
 from clipcl.data.streams import build_stream
+from clipcl.engine.runtime import Runtime
+from clipcl.engine.tasks import standalone_context, train_one_task
 from clipcl.eval.cache import FeatureCache
 from clipcl.eval.evaluator import evaluate_row
 from clipcl.models import build_backend
 from clipcl.run import seed_everything, task_seed
 from clipcl.strategies import build_strategy
-from clipcl.train.loop import train_task
-from clipcl.engine.runtime import Runtime
 
 
 def main() -> None:
@@ -49,6 +49,7 @@ def main() -> None:
     strategy = build_strategy(backend, config.strategy)
     runtime = Runtime(torch.device("cpu"))
     cache = FeatureCache(None)  # memory only: measures the cache, not the disk
+    context = standalone_context(config, strategy, stream, runtime, None)
 
     timings = {"cached": 0.0, "uncached": 0.0}
     matrices = {"cached": [], "uncached": []}
@@ -56,7 +57,8 @@ def main() -> None:
         if after_task >= 0:
             task = stream.tasks[after_task]
             strategy.before_task(task)
-            train_task(strategy, task, config.train, runtime, task_seed(config.seed, after_task), False)
+            seed_everything(task_seed(config.seed, after_task))
+            train_one_task(context, task)
             strategy.after_task(task)
         for mode in ("uncached", "cached"):
             started = time.perf_counter()

@@ -30,14 +30,14 @@ from seeded import cell, choices, mean_and_std, write_summary
 from clipcl.checkpoint import atomic_write_json
 from clipcl.config import RunConfig, from_dict
 from clipcl.data.streams import build_stream
+from clipcl.engine.runtime import Runtime
+from clipcl.engine.tasks import standalone_context, train_one_task
 from clipcl.eval import metrics as metrics_module
 from clipcl.eval.cache import FeatureCache, default_cache_dir
 from clipcl.eval.evaluator import evaluate_row
 from clipcl.models import build_backend
 from clipcl.run import seed_everything, task_seed
 from clipcl.strategies import build_strategy
-from clipcl.train.loop import train_task
-from clipcl.engine.runtime import Runtime
 
 # name: (strategy section, learning rate). Fine-tuning and ZSCL use the rate of the other starter
 # benchmarks. MoE-Adapters' rate was chosen before this benchmark ran, by the training loss on
@@ -82,7 +82,8 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     strategy = build_strategy(backend, configs["multi_domain"].strategy)
     runtime = Runtime(torch.device("cpu"))
     cache = FeatureCache(default_cache_dir())
-    strategy.feature_cache = cache
+    # The strategy's sources built and the runtime and cache attached, as a run does.
+    context = standalone_context(configs["multi_domain"], strategy, streams["multi_domain"], runtime, cache)
     strategy.eval()
     rows = {protocol: {"zero_shot": None, "rows": [], "heldout_zero_shot": None, "heldout": []} for protocol in PROTOCOLS}
     for protocol, stream in streams.items():
@@ -94,8 +95,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
         if trains:
             seed_everything(task_seed(seed, task.index))
             strategy.before_task(task)
-            stats = train_task(strategy, task, configs["multi_domain"].train, runtime, task_seed(seed, task.index),
-                               show_progress=False)
+            stats = train_one_task(context, task)
             strategy.after_task(task)
             train_seconds.append(stats.seconds)
         for protocol, stream in streams.items():

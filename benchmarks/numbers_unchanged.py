@@ -63,7 +63,7 @@ def capture(tree: Path, suites: list[str], threads: int) -> dict:
 
     if "demo" in suites:
         from clipcl.config import load_config
-        from clipcl.demo import METHODS, STREAMS, STRATEGY_OVERRIDES, demo_config_path
+        from clipcl.demo import METHODS, STRATEGY_OVERRIDES, STREAMS, demo_config_path
 
         for stream in STREAMS:
             for method in METHODS:

@@ -17,6 +17,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -25,10 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from online_lifelong import METHODS
 
 from clipcl.config import RunConfig, from_dict
-from clipcl.models import build_backend
-from clipcl.online import build_online_stream, train_online
-from clipcl.strategies import build_strategy
-from clipcl.engine.runtime import Runtime
+from clipcl.run import run_experiment
 
 
 def main() -> None:
@@ -41,9 +39,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     methods = [name for name in METHODS if name != "zero_shot"]
 
+    work = Path(tempfile.mkdtemp(prefix="online-throughput-"))
+
     def config_for(method: str) -> RunConfig:
         section, _, lr = METHODS[method]
         return from_dict(RunConfig, {
+            "output_dir": str(work / method),
+            "observe": {"progress": False, "tensorboard": False},
             "model": {"backend": "starter"},
             "stream": {"protocol": "si_blurry", "datasets": ["fashion_mnist"], "num_tasks": 5,
                        "train_samples_per_task": args.samples, "test_samples_per_task": 10},
@@ -52,36 +54,28 @@ def main() -> None:
             "eval": {"eval_period": 10**9, "cache_dir": ""},
         })
 
-    base_config = config_for("online_ft")
-    torch.manual_seed(0)
-    pristine = build_backend(base_config.model)
-    initial = {name: tensor.clone() for name, tensor in pristine.state_dict().items()}
-    stream = build_online_stream(base_config.stream, seed=0)
-    runtime = Runtime(torch.device("cpu"))
     seconds: dict[str, list[float]] = {name: [] for name in methods}
+    stream_images = 0
     for _ in range(args.rounds):
         for method in methods:
-            backend = build_backend(base_config.model)
-            backend.load_state_dict(initial)
-            torch.manual_seed(0)
-            strategy = build_strategy(backend, config_for(method).strategy)
-            config = config_for(method)
-            # Only the end-of-stream evaluation runs (eval_period is huge); its time is not counted.
-            outcome = train_online(strategy, stream, config, runtime, cache=None, show_progress=False)
-            seconds[method].append(outcome["train_seconds"])
-            print(f"{method:<13} {len(stream.train) / outcome['train_seconds']:7.1f} img/s", flush=True)
-    base = len(stream.train) / statistics.median(seconds["online_ft"])
+            # A whole run (same seed, same initial weights); only its training time is counted: the
+            # evaluations run once at the end (eval_period is huge) and are timed apart.
+            results = run_experiment(config_for(method), restart=True, show_progress=False)
+            stream_images = results["stream"]["samples"]
+            seconds[method].append(results["timing"]["train_seconds"])
+            print(f"{method:<13} {stream_images / seconds[method][-1]:7.1f} img/s", flush=True)
+    base = stream_images / statistics.median(seconds["online_ft"])
     rows = []
     for method in methods:
-        rate = len(stream.train) / statistics.median(seconds[method])
+        rate = stream_images / statistics.median(seconds[method])
         rows.append({"method": method, "strategy": METHODS[method][0], "tuned": METHODS[method][1],
                      "images_per_second": rate, "ratio_to_online_ft": rate / base,
-                     "images_per_second_each_round": [len(stream.train) / value for value in seconds[method]]})
+                     "images_per_second_each_round": [stream_images / value for value in seconds[method]]})
     print(f"{'method':<13} {'img/s':>7} {'x FT':>6}")
     for row in rows:
         print(f"{row['method']:<13} {row['images_per_second']:7.1f} {row['ratio_to_online_ft']:6.2f}")
     if args.output:
-        record = {"benchmark": "online_throughput", "stream_images": len(stream.train), "batch_size": 16,
+        record = {"benchmark": "online_throughput", "stream_images": stream_images, "batch_size": 16,
                   "online_iter": 3, "rounds": args.rounds, "results": rows, "threads": args.threads,
                   "cpus": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__}
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

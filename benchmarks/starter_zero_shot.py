@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from clipcl.data.streams import balanced_subset, heldout_set
+from clipcl.engine.runtime import Runtime
 from clipcl.eval.evaluator import predict
 from clipcl.models.starter import DEFAULT_IMAGE_SIZE, StarterBackend
 from clipcl.strategies.base import class_text_features
 from clipcl.strategies.zero_shot import ZeroShot, ZeroShotConfig
-from clipcl.engine.runtime import Runtime
 
 
 def imagenet_logits(backend: StarterBackend, dataset, batch_size: int = 64) -> tuple[torch.Tensor, float]:

@@ -89,7 +89,8 @@ BAD = [
     (["strategy.name=moe_adapters", "strategy.freeze_experts_per_task=30"], "strategy.freeze_experts_per_task"),
     (["strategy.name=moe_adapters", "strategy.ddas_quantile=0"], "strategy.ddas_quantile"),
     ([ONLINE, "strategy.name=vr_lwf"], "strategy.name"),
-    ([ONLINE, "strategy.name=finetune", "train.devices=2", "train.batch_size=8"], "train.devices"),
+    (["train.lr_schedule=linear"], "train.lr_schedule"),
+    (["strategy.name=er", "strategy.memory=fifo"], "strategy.memory"),
 ]
 
 

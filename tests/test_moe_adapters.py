@@ -8,6 +8,7 @@ from clipcl.adapt.adapter import Adapter
 from clipcl.adapt.moe import MoEAdapter, active_router, inject_moe_adapters
 from clipcl.data.streams import build_stream
 from clipcl.engine.runtime import Runtime
+from clipcl.engine.tasks import standalone_context
 from clipcl.eval.evaluator import predict
 from clipcl.models import build_backend
 from clipcl.run import seed_everything
@@ -18,10 +19,13 @@ MOE = {"name": "moe_adapters", "num_experts": 6, "top_k": 2, "ddas_steps": 60, "
 
 
 def build(config):
+    """The strategy and stream of ``config``, with its sources, runtime and cache attached as a run does."""
     seed_everything(config.seed)
     backend = build_backend(config.model)
     stream = build_stream(config.stream, config.seed)
-    return build_strategy(backend, config.strategy), stream
+    strategy = build_strategy(backend, config.strategy)
+    standalone_context(config, strategy, stream, Runtime(torch.device("cpu")), None)
+    return strategy, stream
 
 
 def train_task(strategy, task, steps=6, lr=5e-2):
@@ -33,7 +37,7 @@ def train_task(strategy, task, steps=6, lr=5e-2):
     optimizer = torch.optim.AdamW(strategy.trainable_parameters(), lr=lr, weight_decay=0.0)
     strategy.train()
     for _ in range(steps):
-        loss = strategy(images, targets, task)["loss"]
+        loss = strategy({"images": images, "targets": targets}, task)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -168,7 +172,8 @@ def test_ddas_threshold_is_the_calibration_quantile_and_unknown_domains_go_to_ze
     for centre in centres:
         train = centre + 0.1 * torch.randn(300, width)
         calibration = centre + 0.1 * torch.randn(100, width)
-        fits.append(selector.fit_task(train, calibration, steps=400, lr=1e-2, batch_size=64, quantile=0.9, seed=0))
+        fits.append(selector.fit_task(train, calibration, steps=400, lr=1e-2, batch_size=64, quantile=0.9, seed=0,
+                                      runtime=Runtime(torch.device("cpu"))))
         errors = selector.autoencoders[-1].errors(calibration)
         assert float(selector.autoencoders[-1].threshold) == pytest.approx(float(torch.quantile(errors.double(), 0.9)))
     own = torch.cat([centre + 0.1 * torch.randn(50, width) for centre in centres])

@@ -1,0 +1,182 @@
+"""The engine: one trainer for task and online streams, named batch sources, runtime-owned inner fits."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from clipcl.data.memory import ClassBalancedMemory, ReplaySpec
+from clipcl.data.sources import ReferenceSpec
+from clipcl.engine.runtime import DistributedRuntime, Runtime, free_port, rendezvous_environment
+from clipcl.run import run_experiment
+from clipcl.strategies import STRATEGIES
+from clipcl.strategies.ddas import FeatureAutoencoder, fit_autoencoder
+from clipcl.strategies.finetune import Finetune, FinetuneConfig
+
+ONLINE = {"protocol": "si_blurry", "datasets": ["synthetic-0", "synthetic-1"], "num_tasks": 3,
+          "disjoint_class_ratio": 0.5, "blurry_sample_ratio": 0.1, "train_samples_per_task": 48,
+          "test_samples_per_task": 60, "heldout": ["synthetic-5"]}
+
+
+def online_config(tiny_run_config, strategy, tmp_path, name, **train):
+    return tiny_run_config(strategy, stream=ONLINE, train={"batch_size": 8, "lr": 1e-3, "online_iter": 2, **train},
+                           eval={"eval_period": 32, "batch_size": 32, "cache_dir": ""}, output_dir=str(tmp_path / name),
+                           observe={"progress": False, "tensorboard": False})
+
+
+def measured(results: dict) -> dict:
+    """What a run measured, without wall-clock times, dates and paths."""
+    return {key: value for key, value in results.items() if key not in ("timing", "created", "config", "host")} | {
+        "metrics": {k: v for k, v in results["metrics"].items() if k != "train_samples_per_second"},
+        "steps": results["timing"]["train_steps"], "examples": results["timing"]["train_examples"]}
+
+
+# --- online streams: resume, data parallel ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", [
+    {"name": "er", "memory_size": 16},
+    {"name": "lwf", "teacher_refresh_every": 3},
+    {"name": "sit"},
+], ids=["er", "lwf-refreshed-teacher", "sit"])
+def test_online_run_killed_mid_stream_resumes_to_the_same_results(strategy, tiny_run_config, tmp_path):
+    full = run_experiment(online_config(tiny_run_config, strategy, tmp_path, "full"), show_progress=False)
+    config = online_config(tiny_run_config, strategy, tmp_path, "resumed")
+    first = run_experiment(config, show_progress=False, stop_after_samples=40)
+    assert first["interrupted"] and first["progress"]["chunks"] == 8  # stopped after the evaluation at 64
+    checkpoints = sorted(path.name for path in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert checkpoints == ["online_model_000008.safetensors", "online_state_000008.safetensors"]
+    resumed = run_experiment(config, show_progress=False)
+    assert measured(resumed) == measured(full)
+
+
+def test_two_processes_give_the_same_online_run_as_one(tiny_run_config, tmp_path):
+    # Two gloo processes on chunks of 8 (4 each) against one process that accumulates the same two
+    # chunks of 4: the same optimisation, so the curves must be exactly equal (see the task-stream test).
+    finetune = {"name": "finetune", "train": "all"}
+    one = run_experiment(online_config(tiny_run_config, finetune, tmp_path, "one", batch_size=4, grad_accumulation=2),
+                         show_progress=False)
+    two = run_experiment(online_config(tiny_run_config, finetune, tmp_path, "two", batch_size=8, devices=2),
+                         show_progress=False)
+    assert two["anytime"] == one["anytime"]
+    assert two["heldout"] == one["heldout"]
+    assert two["timing"]["train_steps"] == one["timing"]["train_steps"] == 24
+
+
+def test_online_runs_take_grad_accumulation_and_a_schedule(tiny_run_config, tmp_path):
+    constant = run_experiment(online_config(tiny_run_config, {"name": "finetune"}, tmp_path, "constant",
+                                            grad_accumulation=2), show_progress=False)
+    cosine = run_experiment(online_config(tiny_run_config, {"name": "finetune"}, tmp_path, "cosine",
+                                          grad_accumulation=2, lr_schedule="cosine"), show_progress=False)
+    assert constant["timing"]["train_steps"] == cosine["timing"]["train_steps"] == 12  # 12 chunks / 2 * 2 iters
+    assert constant["losses_first_last"][0] == cosine["losses_first_last"][0]  # the first step is the same
+    assert constant["losses_first_last"][1] != cosine["losses_first_last"][1]
+
+
+# --- a method that declares a replay memory and a reference set ----------------------------------------
+
+
+@dataclass
+class ToyConfig(FinetuneConfig):
+    pass
+
+
+class ToyReplayAndReference(Finetune):
+    """Fine-tuning plus a term on replayed images and one on reference images: the smallest method
+    that needs both kinds of source. It records what it was given."""
+
+    Config = ToyConfig
+    seen: list = []
+
+    def sources(self) -> dict:
+        return {"replay": ReplaySpec(capacity=12, kind="class_balanced"),
+                "reference": ReferenceSpec(dataset="synthetic-9", samples=10, texts_dataset="cifar10")}
+
+    def forward(self, batch, task):
+        outputs = super().forward(batch, task)
+        reference = self.backend.encode_image(batch["reference"]["images"])
+        replayed = len(batch["replay"]["images"])
+        type(self).seen.append((len(batch["images"]), len(batch["reference"]["images"]), replayed,
+                                len(batch["replay"]["classes"])))
+        loss = outputs["loss"] + 1e-3 * reference.pow(2).mean()
+        if replayed:
+            loss = loss + 1e-3 * self.backend.encode_image(batch["replay"]["images"]).pow(2).mean()
+        return {**outputs, "loss": loss}
+
+
+@pytest.mark.parametrize("stream", ["task", "online"])
+def test_a_method_with_a_replay_memory_and_a_reference_set_runs_on_both_kinds_of_stream(
+        stream, tiny_run_config, tmp_path, monkeypatch):
+    monkeypatch.setitem(STRATEGIES, "toy", ToyReplayAndReference)
+    monkeypatch.setattr(ToyReplayAndReference, "seen", [])
+    section = {"name": "toy"}
+    if stream == "task":
+        config = tiny_run_config(section, output_dir=str(tmp_path / "task"), observe={"tensorboard": False})
+    else:
+        config = online_config(tiny_run_config, section, tmp_path, "online")
+    results = run_experiment(config, show_progress=False)
+    seen = ToyReplayAndReference.seen
+    assert len(seen) == (3 * 4 if stream == "task" else 12 * 2)  # one forward per micro-batch and repeat
+    assert all(reference == images for images, reference, _, _ in seen)  # a reference image per image
+    assert seen[0][2] == 0 and any(replayed for _, _, replayed, _ in seen)  # the memory fills, then replays
+    assert all(replayed == classes and replayed <= 12 for _, _, replayed, classes in seen)
+    assert all(0 <= value <= 100 for value in (results["accuracy"]["matrix"][-1] if stream == "task"
+                                               else results["anytime"]["accuracy"]))
+
+
+def test_class_balanced_memory_keeps_classes_equal():
+    memory = ClassBalancedMemory(6, seed=0)
+    memory.add([(0, index) for index in range(6)], [0] * 6)
+    memory.add([(0, index) for index in range(6, 12)], [1] * 3 + [2] * 3)
+    assert sorted(memory.labels) == [0, 0, 1, 1, 2, 2]
+
+
+# --- inner fits through the runtime ---------------------------------------------------------------------
+
+
+def _fit_in_process(rank: int, world_size: int, output: str) -> None:
+    torch.set_num_threads(1)
+    runtime = DistributedRuntime(rank, world_size, torch.device("cpu"))
+    try:
+        features = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(1)
+        autoencoder = FeatureAutoencoder(16, 8)
+        autoencoder.requires_grad_(True)
+        fit_autoencoder(autoencoder, features, steps=15, lr=1e-2, batch_size=16, seed=2, runtime=runtime)
+        if rank == 0:
+            torch.save(autoencoder.state_dict(), output)
+    finally:
+        runtime.close()
+
+
+def test_ddas_autoencoder_fit_under_two_processes_equals_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    features = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    single = FeatureAutoencoder(16, 8)
+    single.requires_grad_(True)
+    losses = fit_autoencoder(single, features, steps=15, lr=1e-2, batch_size=16, seed=2, runtime=Runtime(torch.device("cpu")))
+    assert losses[1] < losses[0]
+    output = str(tmp_path / "two.pt")
+    with rendezvous_environment(free_port()):
+        mp.spawn(_fit_in_process, args=(2, output), nprocs=2, join=True)
+    two = torch.load(output, weights_only=True)  # our own file of plain tensors
+    for name, tensor in single.state_dict().items():
+        assert torch.equal(tensor, two[name]), name  # (g + g) / 2 == g exactly: equal by construction
+
+
+def test_strategies_never_touch_the_optimizer_or_processes():
+    """Methods compute losses; the engine owns backward, steps and communication."""
+    import clipcl.strategies as package
+
+    folder = os.path.dirname(package.__file__)
+    for name in os.listdir(folder):
+        if name.endswith(".py"):
+            text = open(os.path.join(folder, name)).read()
+            for forbidden in (".backward(", "optimizer.step(", "torch.optim.", "torch.distributed.", "Runtime(",
+                              "load_dataset("):
+                assert forbidden not in text, f"strategies/{name} uses {forbidden}"
