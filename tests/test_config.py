@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import clipcl.data.online_stream
 import pytest
 import torch
 import yaml
 
+import clipcl.data.online_stream
 import clipcl.data.streams
 import clipcl.models
 from clipcl.cli import main

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,7 +91,7 @@ class ToyReplayAndReference(Finetune):
     that needs both kinds of source. It records what it was given."""
 
     Config = ToyConfig
-    seen: list = []
+    seen: typing.ClassVar[list] = []
 
     def sources(self) -> dict:
         return {"replay": ReplaySpec(capacity=12, kind="class_balanced"),
@@ -176,7 +178,7 @@ def test_strategies_never_touch_the_optimizer_or_processes():
     folder = os.path.dirname(package.__file__)
     for name in os.listdir(folder):
         if name.endswith(".py"):
-            text = open(os.path.join(folder, name)).read()
+            text = Path(folder, name).read_text()
             for forbidden in (".backward(", "optimizer.step(", "torch.optim.", "torch.distributed.", "Runtime(",
                               "load_dataset("):
                 assert forbidden not in text, f"strategies/{name} uses {forbidden}"
