@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from clipcl.data.memory import ClassBalancedMemory, ReplaySpec
-from clipcl.data.sources import ReferenceSpec
+from clipcl.data.sources import CaptionSpec, ReferenceSpec
 from clipcl.engine.runtime import DistributedRuntime, Runtime, free_port, rendezvous_environment
+from clipcl.losses import classification_loss, clip_logits, normalize
 from clipcl.run import run_experiment
 from clipcl.strategies import STRATEGIES
 from clipcl.strategies.ddas import FeatureAutoencoder, fit_autoencoder
@@ -129,6 +130,52 @@ def test_a_method_with_a_replay_memory_and_a_reference_set_runs_on_both_kinds_of
                                                else results["anytime"]["accuracy"]))
 
 
+class ToyCaptions(Finetune):
+    """Fine-tuning plus CLIP's contrastive loss on image-caption pairs from a caption file."""
+
+    Config = ToyConfig
+    path = ""
+    seen: typing.ClassVar[list] = []
+
+    def sources(self) -> dict:
+        return {"captions": CaptionSpec(path=type(self).path)}
+
+    def forward(self, batch, task):
+        outputs = super().forward(batch, task)
+        pairs = batch["captions"]
+        type(self).seen.append((len(batch["images"]), list(pairs["captions"]), pairs["image_ids"].tolist()))
+        images = normalize(self.backend.encode_image(pairs["images"]))
+        texts = normalize(self.backend.encode_text(self.backend.tokenize(pairs["captions"]).to(images.device)))
+        logits = clip_logits(images, texts, self.backend.logit_scale)
+        positives = torch.arange(len(images), device=images.device)
+        contrastive = (classification_loss(logits, positives) + classification_loss(logits.t(), positives)) / 2
+        return {**outputs, "loss": outputs["loss"] + contrastive}
+
+
+def test_a_method_trains_on_image_caption_pairs_from_a_caption_file(tiny_run_config, tmp_path, monkeypatch):
+    from PIL import Image
+
+    folder = tmp_path / "captions"
+    folder.mkdir()
+    rows = ["image,caption"]
+    for index in range(6):
+        Image.new("RGB", (40, 40), (40 * index, 255 - 40 * index, 90)).save(folder / f"{index}.png")
+        rows += [f"{index}.png,a drawing number {index}", f"{index}.png,picture {index} of the set"]
+    (folder / "pairs.csv").write_text("\n".join(rows) + "\n")
+    monkeypatch.setitem(STRATEGIES, "toy_captions", ToyCaptions)
+    monkeypatch.setattr(ToyCaptions, "seen", [])
+    monkeypatch.setattr(ToyCaptions, "path", "captions/pairs.csv")  # relative: found under stream.data_root
+    config = tiny_run_config({"name": "toy_captions"}, stream={"data_root": str(tmp_path)},
+                             observe={"tensorboard": False}, output_dir=str(tmp_path / "run"))
+    run_experiment(config, show_progress=False)
+    seen = ToyCaptions.seen
+    assert len(seen) == 12
+    captions = {row.split(",", 1)[1] for row in rows[1:]}
+    for images, drawn, image_ids in seen:
+        assert len(drawn) == images == 16 and set(drawn) <= captions  # 16 of the 12 rows: with replacement
+        assert all(drawn[i].endswith(str(image_ids[i])) or f" {image_ids[i]} " in drawn[i] for i in range(16))
+
+
 def test_class_balanced_memory_keeps_classes_equal():
     memory = ClassBalancedMemory(6, seed=0)
     memory.add([(0, index) for index in range(6)], [0] * 6)
@@ -182,3 +229,32 @@ def test_strategies_never_touch_the_optimizer_or_processes():
             for forbidden in (".backward(", "optimizer.step(", "torch.optim.", "torch.distributed.", "Runtime(",
                               "load_dataset("):
                 assert forbidden not in text, f"strategies/{name} uses {forbidden}"
+
+
+def test_no_module_level_import_cycles_and_no_module_over_400_lines():
+    """The package's shape: modules import each other in one direction; none grows past ~400 lines."""
+    import ast
+
+    import clipcl
+
+    root = Path(clipcl.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(("clipcl", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+        lines = path.read_text().count("\n")
+        assert lines <= 420, f"{name} has {lines} lines"
+        imported = set()
+        for node in ast.parse(path.read_text()).body:  # module level only: lazy imports inside functions are fine
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("clipcl"):
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names if alias.name.startswith("clipcl")}
+        graph[name] = imported
+
+    def visit(module: str, trail: list[str]) -> None:
+        for target in graph.get(module, ()):
+            assert target not in trail, "import cycle: " + " -> ".join([*trail, target])
+            visit(target, [*trail, target])
+
+    for module in graph:
+        visit(module, [module])

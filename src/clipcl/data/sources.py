@@ -7,6 +7,8 @@ it yields into every training batch under the source's name. So no method opens 
 - :class:`ReferenceSpec`: a reference set, as ZSCL's: images from outside the stream drawn afresh
   for every step, plus reference texts (the class prompts of a dataset); or, with ``per_step=False``,
   just the dataset, for methods that encode it once (DDAS's pretraining-domain autoencoder).
+- :class:`CaptionSpec`: image-caption pairs from a caption file (COCO / Flickr30k Karpathy JSON, CSV,
+  TSV, JSONL), drawn for every step: what a method that continues CLIP's contrastive training needs.
 - :class:`clipcl.data.memory.ReplaySpec`: a replay memory (built and fed by the engine, since
   which samples it holds depends on the stream).
 """
@@ -166,6 +168,83 @@ class ReferenceSource:
         if self._batches is None:
             raise RuntimeError(f"reference source {self.name} used before start()")
         return {"images": next(self._batches)}
+
+    def stop(self) -> None:
+        self._batches = None
+
+
+@dataclass(frozen=True)
+class CaptionSpec:
+    """Image-caption pairs a method declares, drawn afresh for every training step."""
+
+    path: str
+    """A caption file (``.json`` Karpathy/COCO/Flickr30k, ``.csv``, ``.tsv``, ``.jsonl``); a relative path
+    that does not exist is looked up under ``stream.data_root``. Image paths are relative to the file."""
+    split: str | None = None
+    """Karpathy JSON only: keep the images of this split (``train`` also takes COCO's ``restval``)."""
+    batch_size: int | None = None
+    """Pairs per step; None: as many as the step's own batch (per process)."""
+    preprocess: str = "train"
+    """``train`` (the backend's training transform, seeded per draw) or ``eval``."""
+    per_step: bool = True
+
+
+class _CaptionPairs(Dataset):
+    """One item per step: the preprocessed images, captions and image ids of that step's rows."""
+
+    def __init__(self, dataset, transform, augmented: bool) -> None:
+        self.dataset, self.transform, self.augmented = dataset, transform, augmented
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, draw: tuple[list[int], int]) -> dict:
+        rows, augmentation_seed = draw
+        pairs = [self.dataset[row] for row in rows]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(augmentation_seed)  # augmentations depend only on the draw
+            images = torch.stack([self.transform(image) for image, _ in pairs])
+        return {"images": images, "captions": [caption for _, caption in pairs],
+                "image_ids": torch.tensor([self.dataset.image_ids[row] for row in rows], dtype=torch.long)}
+
+
+class CaptionSource:
+    """A built caption source; per-step batches of ``images``, ``captions`` and ``image_ids`` (rows of
+    the same image share an id, so a contrastive loss can treat all of an image's captions as positives)."""
+
+    def __init__(self, spec: CaptionSpec, root: str | None, num_workers: int = 0) -> None:
+        from pathlib import Path
+
+        from clipcl.data.folders import CaptionDataset
+
+        if spec.preprocess not in PREPROCESSING:
+            raise DataError(f"caption preprocess must be one of {', '.join(PREPROCESSING)}, got {spec.preprocess!r}")
+        path = Path(spec.path)
+        if not path.exists() and not path.is_absolute() and root:
+            path = Path(root) / path
+        self.spec, self.num_workers = spec, num_workers
+        self.dataset = CaptionDataset(path, split=spec.split)
+        self._batches = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.path
+
+    @property
+    def started(self) -> bool:
+        return self._batches is not None
+
+    def start(self, backend, seed: int, count: int, skip: int = 0) -> None:
+        augmented = self.spec.preprocess == "train"
+        pairs = _CaptionPairs(self.dataset, backend.train_preprocess if augmented else backend.preprocess, augmented)
+        draws = _ReferenceDraws(torch.arange(len(self.dataset)), self.spec.batch_size or count, seed, skip)
+        self._batches = iter(DataLoader(pairs, sampler=draws, batch_size=None, num_workers=self.num_workers,
+                                        generator=torch.Generator().manual_seed(seed)))
+
+    def next_batch(self) -> dict:
+        if self._batches is None:
+            raise RuntimeError(f"caption source {self.name} used before start()")
+        return next(self._batches)
 
     def stop(self) -> None:
         self._batches = None

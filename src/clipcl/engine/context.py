@@ -111,7 +111,7 @@ def build_sources(strategy, config: RunConfig, runtime: Runtime):
     """Build what the method declares: reference sets (loaded here, honouring ``stream.data_root``)
     and at most one replay memory. Returns (built reference sources by name, memory or None)."""
     from clipcl.data.memory import ReplaySpec, build_memory
-    from clipcl.data.sources import ReferenceSource, ReferenceSpec
+    from clipcl.data.sources import CaptionSource, CaptionSpec, ReferenceSource, ReferenceSpec
 
     built, memory = {}, None
     for name, spec in strategy.sources().items():
@@ -121,6 +121,8 @@ def build_sources(strategy, config: RunConfig, runtime: Runtime):
             memory = build_memory(spec, config.seed)
         elif isinstance(spec, ReferenceSpec):
             built[name] = ReferenceSource(spec, config.stream.data_root, config.train.num_workers)
+        elif isinstance(spec, CaptionSpec):
+            built[name] = CaptionSource(spec, config.stream.data_root, config.train.num_workers)
         else:
             raise RunError(f"{type(strategy).__name__}: source {name!r} has unknown spec {type(spec).__name__}")
     return built, memory

@@ -102,7 +102,8 @@ class Trainer:
 
     def _forward(self, batch: dict, experience) -> torch.Tensor:
         for name, source in self.step_sources.items():
-            batch[name] = {key: value.to(self.runtime.device) for key, value in source.next_batch().items()}
+            batch[name] = {key: value.to(self.runtime.device) if isinstance(value, torch.Tensor) else value
+                           for key, value in source.next_batch().items()}
         self.forward_calls += 1
         with self.runtime.autocast():
             outputs = self.strategy(batch, experience)

@@ -63,29 +63,49 @@ def routed_image_features(
     num_workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
     """As :func:`image_features`, plus each image's route (None when the strategy does not route)."""
+    image_key = strategy.image_cache_key(task_index) if cache is not None else None
+    return encode_dataset(lambda images: strategy.encode_images_routed(images, task_index), image_key, dataset,
+                          strategy.backend, runtime, batch_size, cache, show_progress, num_workers)
+
+
+@torch.no_grad()
+def encode_dataset(
+    encode,
+    image_key: str | None,
+    dataset: ClassificationDataset,
+    backend,
+    runtime: Runtime,
+    batch_size: int,
+    cache: FeatureCache | None = None,
+    show_progress: bool = False,
+    num_workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
+    """Features of this process's shard of ``dataset`` through ``encode`` (preprocessed images ->
+    (normalised features, routes or None)), cached under ``image_key`` when it is not None; also the
+    routes and the shard's dataset labels. Methods that encode a dataset with a view of their own (DDAS's
+    frozen features) call this directly."""
     indices = runtime.shard(list(range(len(dataset))))
     labels = dataset.labels[indices] if len(indices) else np.zeros(0, dtype=np.int64)
-    image_key = strategy.image_cache_key(task_index) if cache is not None else None
     cache_key = None
-    if image_key is not None:
+    if image_key is not None and cache is not None:
         cache_key = FeatureCache.make_key(image_key, dataset.fingerprint(), f"{runtime.rank}/{runtime.world_size}")
         cached = cache.get(cache_key)
         if cached is not None:
             return cached.to(runtime.device), None, labels
 
-    view = Subset(_ImagesOnly(dataset, strategy.backend.preprocess), indices)
+    view = Subset(_ImagesOnly(dataset, backend.preprocess), indices)
     loader = DataLoader(view, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     chunks, route_chunks = [], []
     for images in tqdm(loader, desc=f"encode {dataset.name}/{dataset.split}", leave=False,
                        disable=not (show_progress and runtime.is_main), dynamic_ncols=True):
         with runtime.autocast():
-            features, routes = strategy.encode_images_routed(images.to(runtime.device), task_index)
+            features, routes = encode(images.to(runtime.device))
         chunks.append(features.float())
         route_chunks.append(routes)
-    features = torch.cat(chunks) if chunks else torch.zeros(0, strategy.backend.embed_dim, device=runtime.device)
+    features = torch.cat(chunks) if chunks else torch.zeros(0, backend.embed_dim, device=runtime.device)
     routed = any(routes is not None for routes in route_chunks)
-    if routed and image_key is not None:
-        raise RuntimeError(f"{type(strategy).__name__} routes images, so its image features cannot be cached")
+    if routed and cache_key is not None:
+        raise RuntimeError("routed image features cannot be cached: give no cache key")
     if cache_key is not None:
         cache.put(cache_key, features)
     return features, (torch.cat(route_chunks) if routed else None), labels
@@ -170,4 +190,5 @@ def evaluate_row(
     return row, heldout, time.perf_counter() - started
 
 
-__all__ = ["LabelledView", "count_correct", "evaluate_row", "image_features", "predict", "routed_image_features"]
+__all__ = ["LabelledView", "count_correct", "encode_dataset", "evaluate_row", "image_features", "predict",
+           "routed_image_features"]

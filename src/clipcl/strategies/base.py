@@ -107,7 +107,7 @@ class Strategy(nn.Module):
 
     def sources(self) -> dict:
         """The batch sources this method needs, by name: ``clipcl.data.sources.ReferenceSpec`` or
-        ``clipcl.data.memory.ReplaySpec`` (at most one replay memory, named ``replay``)."""
+        ``CaptionSpec``, or ``clipcl.data.memory.ReplaySpec`` (at most one replay memory, named ``replay``)."""
         return {}
 
     def attach(self, runtime, feature_cache, source_data: dict) -> None:

@@ -181,12 +181,13 @@ class MoEAdapters(Strategy):
             return normalize(self.backend.encode_image(images))
 
     def _features_of(self, dataset) -> torch.Tensor:
-        from clipcl.eval.evaluator import image_features
+        from clipcl.eval.evaluator import encode_dataset
 
-        view = _FrozenImages(self)
         # Every process computes all features (no sharding), so all processes fit the same autoencoders.
-        features, _ = image_features(view, dataset, None, self.runtime.unsharded(), batch_size=128,
-                                     cache=self.feature_cache)
+        # They are the zero-shot model's features, so they share its cache entries.
+        features, _, _ = encode_dataset(lambda images: (self.frozen_image_features(images), None),
+                                        self._frozen_image_key, dataset, self.backend, self.runtime.unsharded(),
+                                        batch_size=128, cache=self.feature_cache)
         return features.float()
 
     def _fit_task_autoencoder(self, task) -> None:
@@ -314,17 +315,3 @@ class MoEAdapters(Strategy):
                              # lists only the tasks it trained itself).
                              "autoencoders": self.ddas_fits}
         return report
-
-
-class _FrozenImages(Strategy):
-    """A view of the MoE strategy as the zero-shot model, for the evaluator's cached feature pass."""
-
-    def __init__(self, owner: MoEAdapters) -> None:
-        super().__init__(owner.backend, owner.config)
-        self.__dict__["_owner"] = owner  # not a submodule: the owner already holds the backend
-
-    def encode_images(self, images: torch.Tensor, task_index: int | None) -> torch.Tensor:
-        return self._owner.frozen_image_features(images)
-
-    def image_cache_key(self, task_index: int | None) -> str | None:
-        return self._owner._frozen_image_key
