@@ -5,6 +5,7 @@ A refactor that should not change results proves it with this script, on one mac
     python benchmarks/numbers_unchanged.py capture --tree /path/to/old/checkout --output before.json
     python benchmarks/numbers_unchanged.py capture --tree .                     --output after.json
     python benchmarks/numbers_unchanged.py compare before.json after.json
+    python benchmarks/numbers_unchanged.py compare-dirs WORK_BEFORE WORK_AFTER   # run folders, as they finish
 
 ``capture`` runs, with the code and the benchmark scripts of ``--tree``: the six demo runs, and seed 0
 of ``benchmarks/dont_stop_learning.py``, ``benchmarks/online_lifelong.py`` and
@@ -42,7 +43,8 @@ def comparable(value):
     return value
 
 
-def capture(tree: Path, suites: list[str], threads: int) -> dict:
+def capture(tree: Path, suites: list[str], threads: int, work: Path | None = None,
+            output: Path | None = None) -> dict:
     sys.path[:0] = [str(tree / "src"), str(tree / "benchmarks")]
     import torch
 
@@ -53,12 +55,15 @@ def capture(tree: Path, suites: list[str], threads: int) -> dict:
         raise SystemExit(f"clipcl was imported from {clipcl.__file__}, not from {tree}/src")
     from clipcl.run import run_experiment
 
-    work = Path(tempfile.mkdtemp(prefix="numbers-unchanged-"))
+    work = work or Path(tempfile.mkdtemp(prefix="numbers-unchanged-"))
+    print(f"run folders under {work}", file=sys.stderr, flush=True)
     os.environ["CLIPCL_CACHE"] = str(work / "cache")
     captured: dict[str, dict] = {}
 
     def record(suite: str, name: str, results: dict) -> None:
         captured.setdefault(suite, {})[name] = comparable(results)
+        if output is not None:  # after every run, so an interrupted capture still compares what it ran
+            output.write_text(json.dumps(captured, indent=1, sort_keys=True) + "\n")
         print(f"{time.strftime('%H:%M:%S')} {suite}/{name} done", file=sys.stderr, flush=True)
 
     if "demo" in suites:
@@ -128,17 +133,33 @@ def main() -> None:
     run.add_argument("--output", required=True)
     run.add_argument("--suites", default=",".join(SUITES))
     run.add_argument("--threads", type=int, default=2)
+    run.add_argument("--work", help="folder for the run folders and the feature cache (default: a new temporary one)")
     check = commands.add_parser("compare", help="compare two captures exactly")
     check.add_argument("before")
     check.add_argument("after")
+    folders = commands.add_parser("compare-dirs", help="compare the results.json of the run folders both captures "
+                                                       "have finished (each capture prints its folder)")
+    folders.add_argument("before")
+    folders.add_argument("after")
     args = parser.parse_args()
+    if args.command == "compare-dirs":
+        compared, found = 0, []
+        for path in sorted(Path(args.before).rglob("results.json")):
+            other = Path(args.after) / path.relative_to(args.before)
+            if other.exists():
+                compared += 1
+                found += differences(comparable(json.loads(path.read_text())), comparable(json.loads(other.read_text())),
+                                     str(path.parent.relative_to(args.before)))
+        print("\n".join(found) if found else f"identical: {compared} finished runs, every reported number equal")
+        raise SystemExit(1 if found else 0)
     if args.command == "capture":
         suites = [suite for suite in args.suites.split(",") if suite]
         unknown = sorted(set(suites) - set(SUITES))
         if unknown:
             parser.error(f"unknown suite {unknown[0]}; choose from {', '.join(SUITES)}")
         started = time.perf_counter()
-        captured = capture(Path(args.tree).resolve(), suites, args.threads)
+        captured = capture(Path(args.tree).resolve(), suites, args.threads, Path(args.work) if args.work else None,
+                           Path(args.output))
         captured["_meta"] = {"tree": str(Path(args.tree).resolve()), "suites": suites,
                              "minutes": round((time.perf_counter() - started) / 60, 1)}
         Path(args.output).write_text(json.dumps(captured, indent=1, sort_keys=True) + "\n")
