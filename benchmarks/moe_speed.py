@@ -28,6 +28,7 @@ import torch
 
 from clipcl.config import ModelConfig, StreamConfig
 from clipcl.data.streams import build_stream
+from clipcl.engine.context import attach_by_hand, batch_by_hand
 from clipcl.models import build_backend
 from clipcl.strategies import build_strategy
 
@@ -66,7 +67,7 @@ def main() -> None:
     for name, section in TRAINED.items():
         backend = build_backend(model_config)
         backend.load_state_dict(initial)
-        strategy = build_strategy(backend, section)
+        strategy = attach_by_hand(build_strategy(backend, section))
         strategy.before_task(task)
         strategies[name] = strategy
         optimizers[name] = torch.optim.AdamW(strategy.trainable_parameters(), lr=1e-4, weight_decay=0.0)
@@ -75,7 +76,7 @@ def main() -> None:
         strategy, optimizer = strategies[name], optimizers[name]
         strategy.train()
         started = time.perf_counter()
-        loss = strategy({"images": images, "targets": targets}, task)["loss"]
+        loss = strategy(batch_by_hand(strategy, images, targets), task)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -29,6 +29,8 @@ import torch
 
 from clipcl.config import ModelConfig, StreamConfig
 from clipcl.data.streams import build_stream
+from clipcl.engine.context import attach_by_hand, batch_by_hand
+from clipcl.engine.runtime import Runtime
 from clipcl.models import build_backend
 from clipcl.strategies import build_strategy
 
@@ -104,7 +106,7 @@ def main() -> None:
         for name in methods:
             backend.load_state_dict(initial)
             torch.manual_seed(1)
-            strategy = build_strategy(backend, METHODS[name]).to(device)
+            strategy = attach_by_hand(build_strategy(backend, METHODS[name]).to(device), Runtime(device))
             strategy.train()
             strategy.before_task(task)
             optimizer = torch.optim.AdamW(strategy.trainable_parameters(), lr=1e-6, weight_decay=0.0)
@@ -113,7 +115,7 @@ def main() -> None:
                 started = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss = strategy({"images": images, "targets": targets}, task)["loss"]
+                    loss = strategy(batch_by_hand(strategy, images, targets), task)["loss"]
                 if scaler is None:
                     loss.backward()
                     optimizer.step()

@@ -8,6 +8,7 @@ import torch
 from clipcl.checkpoint import load_checkpoint, save_checkpoint, snapshot_state
 from clipcl.config import config_fingerprint
 from clipcl.data.streams import build_stream
+from clipcl.engine.context import batch_by_hand
 from clipcl.engine.runtime import Runtime
 from clipcl.engine.tasks import standalone_context
 from clipcl.models import build_backend
@@ -51,14 +52,7 @@ def build(config):
 
 
 def batch_of(strategy, images, targets):
-    """A training batch as the engine gives it: with a draw of every per-step reference source."""
-    batch = {"images": images, "targets": targets}
-    for name, source in strategy.source_data.items():
-        if source.spec.per_step:
-            if not source.started:
-                source.start(strategy.backend, seed=0, count=len(images))
-            batch[name] = source.next_batch()
-    return batch
+    return batch_by_hand(strategy, images, targets)
 
 
 @pytest.mark.parametrize("case, section, trains", CASES, ids=[case[0] for case in CASES])

@@ -77,8 +77,10 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
 class OnlineChunks:
     """An online stream's arrival order in chunks of ``batch_size`` (the last may be shorter).
 
-    A chunk is split over processes as evenly as possible, no sample dropped (the ragged last chunk
-    may give processes one sample more or less); the draw number is the sample's stream position.
+    Each process takes an equal, contiguous block of a chunk, as for task streams, so the gradient
+    average over processes is the mean over the chunk. Under data parallel a ragged last chunk
+    leaves its last ``len % devices`` samples untrained (they still count as seen); a chunk smaller
+    than the number of processes trains nobody. The draw number is the sample's stream position.
     """
 
     def __init__(self, order: np.ndarray, batch_size: int, rank: int, world_size: int) -> None:
@@ -93,8 +95,8 @@ class OnlineChunks:
                    for position in range(start, min(start + self.batch_size, len(self.order)))]
 
     def own_block(self, items: list) -> list:
-        count = len(items)
-        return items[self.rank * count // self.world_size: (self.rank + 1) * count // self.world_size]
+        share = len(items) // self.world_size
+        return items[self.rank * share: (self.rank + 1) * share]
 
 
 class PlanSampler(Sampler[list[Item]]):
@@ -124,7 +126,7 @@ class PlanSampler(Sampler[list[Item]]):
             if number < self.skip:
                 continue
             own = [(experience, index, seed, draw, 0) for index, draw in self.batches.own_block(batch)]
-            replay = [(source, index, seed, REPLAY_DRAWS + number * len(batch) + position, 1)
+            replay = [(source, index, seed, REPLAY_DRAWS + number * self.batches.batch_size + position, 1)
                       for position, (source, index) in enumerate(replayed)]
             yield own + self.batches.own_block(replay)
 

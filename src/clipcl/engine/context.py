@@ -108,8 +108,12 @@ class RunContext:
 
 
 def build_sources(strategy, config: RunConfig, runtime: Runtime):
-    """Build what the method declares: reference sets (loaded here, honouring ``stream.data_root``)
-    and at most one replay memory. Returns (built reference sources by name, memory or None)."""
+    """Build what the method declares: reference sets and caption pairs (loaded here, honouring
+    ``stream.data_root``) and at most one replay memory. Returns (built sources by name, memory or None)."""
+    return declared_sources(strategy, config.stream.data_root, config.train.num_workers, config.seed)
+
+
+def declared_sources(strategy, data_root: str | None = None, num_workers: int = 0, seed: int = 0):
     from clipcl.data.memory import ReplaySpec, build_memory
     from clipcl.data.sources import CaptionSource, CaptionSpec, ReferenceSource, ReferenceSpec
 
@@ -118,14 +122,35 @@ def build_sources(strategy, config: RunConfig, runtime: Runtime):
         if isinstance(spec, ReplaySpec):
             if name != "replay" or memory is not None:
                 raise RunError(f"{type(strategy).__name__}: a method has at most one replay memory, named 'replay'")
-            memory = build_memory(spec, config.seed)
+            memory = build_memory(spec, seed)
         elif isinstance(spec, ReferenceSpec):
-            built[name] = ReferenceSource(spec, config.stream.data_root, config.train.num_workers)
+            built[name] = ReferenceSource(spec, data_root, num_workers)
         elif isinstance(spec, CaptionSpec):
-            built[name] = CaptionSource(spec, config.stream.data_root, config.train.num_workers)
+            built[name] = CaptionSource(spec, data_root, num_workers)
         else:
             raise RunError(f"{type(strategy).__name__}: source {name!r} has unknown spec {type(spec).__name__}")
     return built, memory
+
+
+def attach_by_hand(strategy, runtime: Runtime | None = None, cache=None, data_root: str | None = None):
+    """Build ``strategy``'s sources and attach them with a runtime and cache, as a run does: for tests
+    and benchmarks that drive a strategy without the engine. Returns the strategy."""
+    built, _ = declared_sources(strategy, data_root)
+    strategy.attach(runtime or Runtime(torch.device("cpu")), cache, built)
+    return strategy
+
+
+def batch_by_hand(strategy, images: torch.Tensor, targets: torch.Tensor, seed: int = 0) -> dict:
+    """A training batch as the trainer builds it for a strategy attached by :func:`attach_by_hand`:
+    the images and targets plus a draw of every per-step source (started at first use)."""
+    batch = {"images": images, "targets": targets}
+    for name, source in strategy.source_data.items():
+        if source.spec.per_step:
+            if not source.started:
+                source.start(strategy.backend, seed=seed, count=len(images))
+            batch[name] = {key: value.to(images.device) if isinstance(value, torch.Tensor) else value
+                           for key, value in source.next_batch().items()}
+    return batch
 
 
 def write_results(context: RunContext, results: dict[str, Any]) -> None:

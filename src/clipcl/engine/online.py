@@ -83,7 +83,12 @@ def save_online(context: RunContext, progress: dict, chunks: int) -> None:
     trainer, strategy = context.trainer, context.strategy
     if context.runtime.is_main:
         save_checkpoint(_model_path(context, chunks), strategy, context.reference, context.fingerprint, chunks)
+        # The global random state (dropout, router noise) after the evaluation; every process has the
+        # same one (equal blocks, equal draws), so the main process's stands for all.
         tensors = {"rng/torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for index, state in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng/cuda/{index}"] = state
         scheduler_state = {}
         if trainer.optimizer is not None:
             for index, state in trainer.optimizer.state_dict()["state"].items():
@@ -96,6 +101,9 @@ def save_online(context: RunContext, progress: dict, chunks: int) -> None:
         atomic_save_safetensors(tensors, _state_path(context, chunks),
                                 {"chunks": str(chunks), "config": fingerprint_digest(context.fingerprint)})
         progress["scheduler"] = scheduler_state
+        # fp16's loss scale evolves along the stream; a resumed run must go on with it.
+        scaler = context.runtime.scaler
+        progress["loss_scaler"] = scaler.state_dict() if scaler is not None else None
         atomic_write_json(context.directory.progress, progress)
         for old in context.directory.checkpoints.glob("online_*_*.safetensors"):
             if not old.name.endswith(f"_{chunks:06d}.safetensors"):
@@ -109,7 +117,8 @@ def load_online(context: RunContext, progress: dict) -> None:
     if load_checkpoint(_model_path(context, chunks), context.strategy, context.fingerprint) != chunks:
         raise CheckpointError(f"{_model_path(context, chunks)} is not the checkpoint progress.json names")
     with safe_open(str(_state_path(context, chunks)), framework="pt") as file:
-        if (file.metadata() or {}).get("chunks") != str(chunks):
+        metadata = file.metadata() or {}
+        if metadata.get("chunks") != str(chunks) or metadata.get("config") != fingerprint_digest(context.fingerprint):
             raise CheckpointError(f"{_state_path(context, chunks)} is not the state progress.json names")
         tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
     if trainer.optimizer is not None:
@@ -124,9 +133,17 @@ def load_online(context: RunContext, progress: dict) -> None:
         scheduler = trainer.scheduler.state_dict()
         scheduler.update(progress.get("scheduler", {}))
         trainer.scheduler.load_state_dict(scheduler)
+        # Loading a scheduler's state does not set the optimizer's rate: set the rate of the next step.
+        for group, rate in zip(trainer.optimizer.param_groups, trainer.scheduler.get_last_lr()):
+            group["lr"] = rate
+        if context.runtime.scaler is not None and progress.get("loss_scaler"):
+            context.runtime.scaler.load_state_dict(progress["loss_scaler"])
     context.strategy.load_online_state({name[len("strategy/"):]: value for name, value in tensors.items()
                                         if name.startswith("strategy/")})
     torch.set_rng_state(tensors["rng/torch"])
+    cuda_states = [tensors[name] for name in sorted(tensors) if name.startswith("rng/cuda/")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
 
 
 # --- the stream --------------------------------------------------------------------------------------
@@ -159,10 +176,12 @@ def run_online_stream(context: RunContext, stop_after_samples: int | None) -> di
     schedule = train_config.lr_schedule or "constant"
     trains = trainer.begin(max(1, -(-len(chunks) // accumulation) * train_config.online_iter), schedule)
     if trains and context.step_sources:
-        progress.setdefault("source_seed", int(torch.randint(0, 2**62, (1,)).item()))
-        for source in context.step_sources.values():
+        # One seed per source, drawn from the global generator once; kept for a resume.
+        seeds = progress.setdefault("source_seeds", {name: int(torch.randint(0, 2**62, (1,)).item())
+                                                     for name in context.step_sources})
+        for name, source in context.step_sources.items():
             count = train_config.batch_size // runtime.world_size
-            source.start(strategy.backend, progress["source_seed"], count, skip=progress["forward_calls"])
+            source.start(strategy.backend, seeds[name], count, skip=progress["forward_calls"])
         trainer.step_sources = context.step_sources
     if resumed:
         load_online(context, progress)

@@ -141,15 +141,29 @@ class DistributedRuntime(Runtime):
         dist.init_process_group(backend, rank=rank, world_size=world_size)
 
     def sync_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
-        # One flat buffer, one all-reduce: fewer messages than one per parameter.
-        with_grad = [p for p in parameters if p.grad is not None]
-        if not with_grad:
+        """Average gradients over processes, every process taking part with the same parameters in the
+        same order. A parameter may have a gradient on one process only (an expert that only its images
+        chose): first agree which parameters have one anywhere, give those a zero gradient where they have
+        none, then average them in one flat buffer. Parameters without a gradient anywhere keep none, as
+        in one process (AdamW then leaves them alone)."""
+        parameters = list(parameters)
+        if not parameters:
             return
-        flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
+        device = parameters[0].device
+        has_grad = torch.tensor([p.grad is not None for p in parameters], dtype=torch.int32, device=device)
+        dist.all_reduce(has_grad, op=dist.ReduceOp.SUM)
+        chosen = [p for p, count in zip(parameters, has_grad.tolist()) if count > 0]
+        if not chosen:
+            return
+        for parameter in chosen:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+        # One flat buffer, one all-reduce: fewer messages than one per parameter.
+        flat = torch.cat([p.grad.reshape(-1) for p in chosen])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat /= self.world_size
         offset = 0
-        for parameter in with_grad:
+        for parameter in chosen:
             count = parameter.grad.numel()
             parameter.grad.copy_(flat[offset: offset + count].view_as(parameter.grad))
             offset += count

@@ -100,7 +100,7 @@ class Trainer:
                                            for source, label in zip(replay["experiences"], replay["labels"])]}
         return moved
 
-    def _forward(self, batch: dict, experience) -> torch.Tensor:
+    def _forward(self, batch: dict, experience) -> tuple[torch.Tensor, dict]:
         for name, source in self.step_sources.items():
             batch[name] = {key: value.to(self.runtime.device) if isinstance(value, torch.Tensor) else value
                            for key, value in source.next_batch().items()}
@@ -110,7 +110,7 @@ class Trainer:
         loss = outputs["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {self.global_step} of {experience.name}")
-        return loss
+        return loss, outputs
 
     def train_groups(self, groups: Iterable[list[dict]] | Iterator[list[dict]], experience, stats: ExperienceStats,
                      repeats: int = 1, max_steps: int | None = None, progress=None,
@@ -122,7 +122,6 @@ class Trainer:
         dropout).
         """
         runtime, config, strategy = self.runtime, self.config, self.strategy
-        accumulation = config.grad_accumulation
         started = time.perf_counter()
         strategy.train()
         for group in groups:
@@ -130,15 +129,25 @@ class Trainer:
                 strategy.eval()
                 before_group(group)
                 strategy.train()
-            batches = [self.device_batch(batch, experience) for batch in group]
+            # Empty micro-batches (the untrained tail of a ragged online chunk) are the same on every
+            # process, so every process skips the same ones and the collectives stay in step.
+            batches = [self.device_batch(batch, experience) for batch in group if len(batch["images"])]
+            if not batches:
+                continue
+            # A short last group is the mean over its own micro-batches, not a fraction of a full group.
+            share = len(batches)
             for _ in range(repeats):
                 if max_steps is not None and stats.steps >= max_steps:
                     break
                 step_loss = torch.zeros((), device=runtime.device)
+                terms: dict[str, float] = {}
                 for batch in batches:
-                    loss = self._forward(dict(batch), experience)
-                    runtime.backward(loss / accumulation)
-                    step_loss += loss.detach().float() / accumulation
+                    loss, outputs = self._forward(dict(batch), experience)
+                    runtime.backward(loss / share)
+                    step_loss += loss.detach().float() / share
+                    for name, value in outputs.items():
+                        if name != "loss" and isinstance(value, torch.Tensor) and value.numel() == 1:
+                            terms[name] = terms.get(name, 0.0) + float(value) / share
                     replayed = len(batch["replay"]["images"]) if "replay" in batch else 0
                     stats.examples += (len(batch["images"]) + replayed) * runtime.world_size
                 runtime.sync_gradients(self.parameters)
@@ -152,8 +161,9 @@ class Trainer:
                 loss_value = float(runtime.all_reduce_sum(step_loss)) / runtime.world_size
                 stats.losses.append(loss_value)
                 if self.observers is not None:
+                    # Named loss terms are this process's; the loss is the mean over processes.
                     self.observers.step(experience.name, stats.steps, self.global_step,
-                                        {"loss": loss_value, "lr": self.scheduler.get_last_lr()[0]})
+                                        {"loss": loss_value, "lr": self.scheduler.get_last_lr()[0], **terms})
                 if progress is not None:
                     progress.set_postfix(loss=f"{loss_value:.3f}")
                     progress.update(1)
