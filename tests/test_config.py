@@ -178,7 +178,7 @@ def test_run_experiment_checks_the_config_before_building_anything(nothing_may_b
 @pytest.mark.parametrize("overrides, key", [(["train.accelerator=cuda"], "train.accelerator"),
                                             (["train.accelerator=cpu", "train.precision=fp16"], "train.precision")])
 def test_device_checks_run_before_anything_is_built(nothing_may_be_built, tmp_path, overrides, key):
-    # These need the machine, so clipcl.train.runtime makes them when it picks the device, still first.
+    # These need the machine, so clipcl.engine.runtime makes them when it picks the device, still first.
     config = load_config(None, [*overrides, f"output_dir={tmp_path / 'run'}"])
     with pytest.raises(ConfigError) as error:
         run_experiment(config, show_progress=False)

@@ -9,7 +9,7 @@ Every config dataclass checks its values' ranges and consistency in ``validate()
 line (a :class:`ConfigError` naming the dotted key) before any dataset or model is built. Call
 ``validate()`` again after changing a field in place. Checks that need the machine (a CUDA device
 for ``train.accelerator=cuda`` or ``train.precision=fp16``) are made where the device is picked,
-:mod:`clipcl.train.runtime`, which also runs before any model is built.
+:mod:`clipcl.engine.runtime`, which also runs before any model is built.
 """
 
 from clipcl.config.loading import (

@@ -66,7 +66,7 @@ How this module differs
   distributed, in the class split) stream than the official code with the same seed.
 - The within-task shuffle and the concatenation of tasks are as in the official sampler. How the stream
   is cut into batches (the official loader never mixes two tasks in one batch) is the consumer's business
-  (:mod:`clipcl.online` batches the concatenated order).
+  (:mod:`clipcl.engine.online` batches the concatenated order).
 - :func:`anytime_accuracy_auc` is the official plain mean of the evaluated points; its inputs are
   whatever points the caller evaluated (a final end-of-stream point included, if the caller adds one).
   :func:`anytime_accuracy_area` is the trapezoid area divided by the span of samples, for comparison.

@@ -236,8 +236,11 @@ def run_online_stream(context: RunContext, stop_after_samples: int | None) -> di
     for source in context.step_sources.values():
         source.stop()
     strategy.after_task(arrivals.task)
-    context.observers.experience_finished("online", 0, {"steps": stats.steps})
+    context.observers.experience_finished("online", 0, {
+        "steps": stats.steps, **({"first_loss": stats.first_loss, "last_loss": stats.last_loss} if stats.losses else {})})
     heldout_after = heldout_accuracies(context)
+    context.observers.evaluated("heldout", trainer.global_step,
+                                {held.name: value for held, value in zip(stream.heldout, heldout_after)})
     if runtime.is_main:
         save_checkpoint(context.directory.checkpoint(0), strategy, context.reference, context.fingerprint, 0)
     results = online_results(context, progress, stats, arrivals, heldout_after)

@@ -11,6 +11,7 @@ as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import shutil
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ def _check_or_write_config(directory: RunDirectory, config: RunConfig, restart: 
             for path in [directory.progress, directory.results, directory.summary,
                          *directory.checkpoints.glob("*.safetensors")]:
                 path.unlink(missing_ok=True)
+            shutil.rmtree(directory.root / "tensorboard", ignore_errors=True)  # no curves of the old run
         elif previous.get("config_digest") not in (None, fingerprint_digest(fingerprint)):
             raise RunError(f"{directory.root} holds a run with another config; choose another output_dir "
                            "or pass --restart to overwrite it")

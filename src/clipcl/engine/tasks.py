@@ -70,7 +70,9 @@ def train_task(context: RunContext, task, images: StreamImages) -> ExperienceSta
     loader = DataLoader(images, batch_sampler=plans, num_workers=config.num_workers, collate_fn=collate_plan)
     context.observers.experience_started(task.name, task.index, total_steps)
     trainer.train_groups(grouped(loader, config.grad_accumulation), task, stats, max_steps=total_steps)
-    context.observers.experience_finished(task.name, task.index, {"steps": stats.steps, "seconds": stats.seconds})
+    context.observers.experience_finished(task.name, task.index, {
+        "steps": stats.steps, "seconds": stats.seconds,
+        **({"first_loss": stats.first_loss, "last_loss": stats.last_loss} if stats.losses else {})})
     for source in context.step_sources.values():
         source.stop()
     trainer.step_sources = {}
@@ -146,6 +148,9 @@ def run_task_stream(context: RunContext, stop_after_task: int | None) -> dict[st
         progress["rows"].append(row)
         progress["heldout_rows"].append(heldout)
         progress["retrieval_rows"].append(retrieval_row(strategy, retrieval_sets, batch_size))
+        context.observers.evaluated("retrieval", step, {f"{name}/{key}": value
+                                                        for name, recalls in progress["retrieval_rows"][-1].items()
+                                                        for key, value in recalls.items()})
         progress["train_seconds"].append(stats.seconds)
         progress["eval_seconds"].append(eval_seconds)
         progress["train_steps"].append(stats.steps)

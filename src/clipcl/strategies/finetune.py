@@ -19,7 +19,7 @@ from clipcl.strategies.base import Strategy, StrategyConfig, class_text_features
 PARTS = ("all", "image", "text")
 LABEL_SPACES = ("task", "batch")
 PEFT_KINDS = ("lora", "adapter")
-"""Valid values of ``strategy.peft`` (the kinds of :func:`clipcl.models.peft.inject`)."""
+"""Valid values of ``strategy.peft`` (the kinds of :func:`clipcl.adapt.inject`)."""
 
 
 @dataclass
