@@ -37,6 +37,11 @@ def measured(results: dict) -> dict:
         "steps": results["timing"]["train_steps"], "examples": results["timing"]["train_examples"]}
 
 
+@dataclass
+class ToyConfig(FinetuneConfig):
+    pass
+
+
 # --- online streams: resume, data parallel ------------------------------------------------------------
 
 
@@ -54,6 +59,65 @@ def test_online_run_killed_mid_stream_resumes_to_the_same_results(strategy, tiny
     assert checkpoints == ["online_model_000008.safetensors", "online_state_000008.safetensors"]
     resumed = run_experiment(config, show_progress=False)
     assert measured(resumed) == measured(full)
+
+
+def test_online_resume_restores_the_learning_rate_schedule(tiny_run_config, tmp_path):
+    section = {"name": "finetune"}
+    train = {"lr_schedule": "cosine", "warmup_steps": 5}
+    full = run_experiment(online_config(tiny_run_config, section, tmp_path, "full", **train), show_progress=False)
+    config = online_config(tiny_run_config, section, tmp_path, "resumed", **train)
+    assert run_experiment(config, show_progress=False, stop_after_samples=40)["interrupted"]
+    assert measured(run_experiment(config, show_progress=False)) == measured(full)
+
+
+class ToyDropout(Finetune):
+    """Fine-tuning with dropout on the image features: its masks come from the global random state."""
+
+    Config = ToyConfig
+
+    def forward(self, batch, task):
+        images = normalize(torch.nn.functional.dropout(self.backend.encode_image(batch["images"]), 0.5))
+        logits = clip_logits(images, self.task_text_features(task), self.backend.logit_scale)
+        return {"loss": classification_loss(logits, batch["targets"])}
+
+
+def test_online_results_do_not_depend_on_a_warm_feature_cache(tiny_run_config, tmp_path, monkeypatch):
+    # Evaluation draws nothing from the global random state (dropout's), so a second run whose
+    # evaluations all hit the disk cache trains exactly as the first.
+    monkeypatch.setitem(STRATEGIES, "toy_dropout", ToyDropout)
+    section = {"name": "toy_dropout", "train": "text"}  # a frozen image tower: its features are cached
+    runs = []
+    for name in ("cold", "warm"):
+        config = online_config(tiny_run_config, section, tmp_path, name)
+        config.eval.cache_dir = str(tmp_path / "cache")
+        runs.append(run_experiment(config, show_progress=False))
+    assert measured(runs[0]) == measured(runs[1])
+
+
+def _sync_in_process(rank: int, world_size: int, output: str) -> None:
+    torch.set_num_threads(1)
+    runtime = DistributedRuntime(rank, world_size, torch.device("cpu"))
+    try:
+        parameters = [torch.nn.Parameter(torch.zeros(3)) for _ in range(3)]
+        # Each process has a gradient on its own parameter only (an expert only its images chose);
+        # the third parameter has none anywhere.
+        parameters[rank].grad = torch.full((3,), float(rank + 1))
+        runtime.sync_gradients(parameters)
+        if rank == 0:
+            torch.save([p.grad for p in parameters], output)
+    finally:
+        runtime.close()
+
+
+def test_gradient_average_covers_parameters_that_only_one_process_has(tmp_path):
+    import torch.multiprocessing as mp
+
+    output = str(tmp_path / "grads.pt")
+    with rendezvous_environment(free_port()):
+        mp.spawn(_sync_in_process, args=(2, output), nprocs=2, join=True)
+    grads = torch.load(output, weights_only=True)
+    assert torch.equal(grads[0], torch.full((3,), 0.5)) and torch.equal(grads[1], torch.full((3,), 1.0))
+    assert grads[2] is None  # no gradient anywhere: left alone, as in one process
 
 
 def test_two_processes_give_the_same_online_run_as_one(tiny_run_config, tmp_path):
@@ -80,11 +144,6 @@ def test_online_runs_take_grad_accumulation_and_a_schedule(tiny_run_config, tmp_
 
 
 # --- a method that declares a replay memory and a reference set ----------------------------------------
-
-
-@dataclass
-class ToyConfig(FinetuneConfig):
-    pass
 
 
 class ToyReplayAndReference(Finetune):

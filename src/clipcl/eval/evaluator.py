@@ -94,7 +94,11 @@ def encode_dataset(
             return cached.to(runtime.device), None, labels
 
     view = Subset(_ImagesOnly(dataset, backend.preprocess), indices)
-    loader = DataLoader(view, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    # An own generator: evaluating must not draw from the global one, which training's dropout uses.
+    # (Creating a loader's iterator draws a seed from it, and a cache hit creates none, so a run's
+    # numbers would otherwise depend on whether its features were cached.)
+    loader = DataLoader(view, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        generator=torch.Generator())
     chunks, route_chunks = [], []
     for images in tqdm(loader, desc=f"encode {dataset.name}/{dataset.split}", leave=False,
                        disable=not (show_progress and runtime.is_main), dynamic_ncols=True):
