@@ -66,7 +66,7 @@ def capture(tree: Path, suites: list[str], threads: int, work: Path | None = Non
             output.write_text(json.dumps(captured, indent=1, sort_keys=True) + "\n")
         print(f"{time.strftime('%H:%M:%S')} {suite}/{name} done", file=sys.stderr, flush=True)
 
-    if "demo" in suites:
+    def run_demo() -> None:
         from clipcl.config import load_config
         from clipcl.demo import METHODS, STRATEGY_OVERRIDES, STREAMS, demo_config_path
 
@@ -75,7 +75,7 @@ def capture(tree: Path, suites: list[str], threads: int, work: Path | None = Non
                 config = load_config(demo_config_path(stream), STRATEGY_OVERRIDES[method]
                                      + [f"output_dir={work / 'demo' / stream / method}"])
                 record("demo", f"{stream}/{method}", run_experiment(config, show_progress=False))
-    if "dont_stop_learning" in suites:
+    def run_dont_stop_learning() -> None:
         import dont_stop_learning as benchmark
 
         args = argparse.Namespace(train_samples=960, test_samples=500, heldout_samples=300, lr=1e-4,
@@ -84,7 +84,7 @@ def capture(tree: Path, suites: list[str], threads: int, work: Path | None = Non
             for method in benchmark.METHODS:
                 config = benchmark.run_config(setting, method, 0, args)
                 record("dont_stop_learning", f"{setting}/{method}", run_experiment(config, show_progress=False))
-    if "online_lifelong" in suites:
+    def run_online_lifelong() -> None:
         import online_lifelong as benchmark
 
         args = argparse.Namespace(online_iter=3, eval_period=150, test_samples=500,
@@ -93,13 +93,17 @@ def capture(tree: Path, suites: list[str], threads: int, work: Path | None = Non
             for method in benchmark.METHODS:
                 config = benchmark.run_config(stream, method, 0, args)
                 record("online_lifelong", f"{stream}/{method}", run_experiment(config, show_progress=False))
-    if "moe_adapters" in suites:
+    def run_moe_adapters() -> None:
         import moe_adapters as benchmark
 
         args = argparse.Namespace(epochs=3, train_samples=640, test_samples=200,
                                   output_dir=str(work / "moe_adapters"))
         for method in benchmark.METHODS:
             record("moe_adapters", method, benchmark.run_one(method, 0, args))
+    runners = {"demo": run_demo, "dont_stop_learning": run_dont_stop_learning,
+               "online_lifelong": run_online_lifelong, "moe_adapters": run_moe_adapters}
+    for suite in suites:  # in the order asked for
+        runners[suite]()
     return captured
 
 
