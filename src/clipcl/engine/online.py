@@ -33,6 +33,7 @@ from clipcl.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from clipcl.config import to_dict
 from clipcl.data.base import SubsetDataset
 from clipcl.data.online import a_last, anytime_accuracy_auc
 from clipcl.data.online_stream import ONLINE_PROTOCOL, Arrivals
@@ -168,7 +169,7 @@ def run_online_stream(context: RunContext, stop_after_samples: int | None) -> di
                     "heldout_zero_shot": heldout_accuracies(context)}
     else:
         arrivals.restore(progress["arrivals"])
-    context.observers.run_started(str(context.directory.root), dict(config.strategy),
+    context.observers.run_started(str(context.directory.root), to_dict(config),
                                   str(_model_path(context, progress["chunks"])) if resumed else None,
                                   global_step=progress["steps"])
 

@@ -23,6 +23,7 @@ from clipcl.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from clipcl.config import to_dict
 from clipcl.engine.batches import GlobalBatchSampler, PlanSampler, StreamImages, collate_plan
 from clipcl.engine.context import (
     RunContext,
@@ -112,7 +113,7 @@ def run_task_stream(context: RunContext, stop_after_task: int | None) -> dict[st
         if runtime.is_main and show_progress:
             print(f"resuming {directory.root} after task {completed} ({stream.tasks[completed].name})",
                   file=sys.stderr)
-    context.observers.run_started(str(directory.root), dict(config.strategy),
+    context.observers.run_started(str(directory.root), to_dict(config),
                                   str(directory.checkpoint(completed)) if completed >= 0 else None,
                                   global_step=sum(progress.get("train_steps", [])))
     context.trainer.global_step = sum(progress.get("train_steps", []))
