@@ -246,6 +246,9 @@ def run_online_stream(context: RunContext, stop_after_samples: int | None) -> di
         save_checkpoint(context.directory.checkpoint(0), strategy, context.reference, context.fingerprint, 0)
     results = online_results(context, progress, stats, arrivals, heldout_after)
     write_results(context, results)
+    if runtime.is_main:  # finished: the mid-stream checkpoints (weights and optimizer moments) are spent
+        for spent in context.directory.checkpoints.glob("online_*_*.safetensors"):
+            spent.unlink(missing_ok=True)
     return results
 
 
