@@ -113,8 +113,7 @@ class Trainer:
         return loss, outputs
 
     def train_groups(self, groups: Iterable[list[dict]] | Iterator[list[dict]], experience, stats: ExperienceStats,
-                     repeats: int = 1, max_steps: int | None = None, progress=None,
-                     before_group=None) -> None:
+                     repeats: int = 1, max_steps: int | None = None, before_group=None) -> None:
         """Train on groups of ``grad_accumulation`` loaded micro-batches, ``repeats`` optimizer steps each.
 
         ``before_group(group)`` runs first for each group with the strategy in eval mode (an online
@@ -164,9 +163,8 @@ class Trainer:
                     # Named loss terms are this process's; the loss is the mean over processes.
                     self.observers.step(experience.name, stats.steps, self.global_step,
                                         {"loss": loss_value, "lr": self.scheduler.get_last_lr()[0], **terms})
-                if progress is not None:
-                    progress.set_postfix(loss=f"{loss_value:.3f}")
-                    progress.update(1)
+            if max_steps is not None and stats.steps >= max_steps:
+                break
         strategy.eval()
         stats.seconds += time.perf_counter() - started
 
