@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipcl.data.memory import ClassBalancedMemory, ReplaySpec
+from clipcl.data.memory import ClassBalancedMemory, ReplaySpec, build_memory
 from clipcl.data.sources import CaptionSpec, ReferenceSpec
 from clipcl.engine.runtime import DistributedRuntime, Runtime, free_port, rendezvous_environment
 from clipcl.losses import classification_loss, clip_logits, normalize
@@ -233,6 +233,22 @@ def test_a_method_trains_on_image_caption_pairs_from_a_caption_file(tiny_run_con
     for images, drawn, image_ids in seen:
         assert len(drawn) == images == 16 and set(drawn) <= captions  # 16 of the 12 rows: with replacement
         assert all(drawn[i].endswith(str(image_ids[i])) or f" {image_ids[i]} " in drawn[i] for i in range(16))
+
+
+@pytest.mark.parametrize("kind, expected", [("budget_equal", [4, 4, 4]), ("budget_exponential", [3, 3, 6])])
+def test_budgeted_memory_splits_its_budget_over_experiences(kind, expected):
+    memory = build_memory(ReplaySpec(capacity=12, kind=kind), seed=0)
+    for experience in range(3):
+        memory.add([(experience, index) for index in range(40)], [experience] * 40)
+        counts = [sum(1 for item in memory.items if item[0] == e) for e in range(experience + 1)]
+        # Every experience offered more than its share, so each holds exactly its share.
+        assert counts == [memory.shares()[e] for e in range(experience + 1)] and sum(counts) == 12
+    assert [sum(1 for item in memory.items if item[0] == e) for e in range(3)] == expected
+    assert len(set(memory.items)) == 12  # distinct samples
+    again = build_memory(ReplaySpec(capacity=12, kind=kind), seed=0)
+    for experience in range(3):
+        again.add([(experience, index) for index in range(40)], [experience] * 40)
+    assert again.items == memory.items  # seeded: the same memory every time
 
 
 def test_class_balanced_memory_keeps_classes_equal():

@@ -10,6 +10,11 @@ so a memory evolves identically on every process and in every run with the same 
   stream so far.
 - :class:`ClassBalancedMemory` (GDumb's greedy balancer, Prabhu et al. 2020): when full, a sample of
   a class that is not the largest evicts a random sample of the largest class.
+- :class:`BudgetedMemory`: a fixed budget split over experiences (the replay buffers of TiC-CLIP,
+  Garg et al. 2024): ``budget_equal`` gives every experience seen so far an equal share,
+  ``budget_exponential`` halves the share of each older experience (the newest gets half, the one
+  before a quarter, ...; the oldest takes what is left). Within its share an experience keeps a
+  uniform (reservoir) sample of what it offered.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 
 Reference = tuple[int, int]  # (experience number, index into its training set)
 
-KINDS = ("reservoir", "class_balanced")
+KINDS = ("reservoir", "class_balanced", "budget_equal", "budget_exponential")
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,75 @@ class ClassBalancedMemory(ReservoirMemory):
             self.labels[slot] = label
 
 
+class BudgetedMemory(ReservoirMemory):
+    """A budget of ``capacity`` samples shared by the experiences seen so far."""
+
+    def __init__(self, capacity: int, seed: int, policy: str = "equal") -> None:
+        super().__init__(capacity, seed)
+        self.policy = policy
+        self.offered: dict[int, int] = {}  # per experience: samples offered so far (its reservoir's n)
+
+    def shares(self) -> dict[int, int]:
+        """How many samples each experience may hold now."""
+        experiences = sorted(self.offered)
+        if not experiences:
+            return {}
+        if self.policy == "equal":
+            base, extra = divmod(self.capacity, len(experiences))
+            return {e: base + (1 if index < extra else 0)
+                    for index, e in enumerate(reversed(experiences))}  # the newest get the remainder
+        shares, left = {}, self.capacity
+        for e in reversed(experiences[1:]):  # newest first: half of what is left, then half again
+            shares[e] = left // 2
+            left -= shares[e]
+        shares[experiences[0]] = left
+        return shares
+
+    def add(self, references: list[Reference], labels: list[int]) -> None:
+        for reference, label in zip(references, labels):
+            experience = int(reference[0])
+            new_experience = experience not in self.offered
+            self.seen += 1
+            self.offered[experience] = self.offered.get(experience, 0) + 1
+            if new_experience:
+                self._shrink_to_shares()
+            share = self.shares()[experience]
+            slots = [slot for slot, item in enumerate(self.items) if int(item[0]) == experience]
+            if len(slots) < share:
+                self.items.append(reference)
+                self.labels.append(int(label))
+                continue
+            if share == 0:
+                continue
+            # Reservoir within the experience: the n-th of its samples enters with probability share / n.
+            pick = int(torch.randint(0, self.offered[experience], (1,), generator=self.generator))
+            if pick < share:
+                slot = slots[pick]
+                self.items[slot], self.labels[slot] = reference, int(label)
+
+    def _shrink_to_shares(self) -> None:
+        """A new experience arrived: older ones give up random samples down to their new share."""
+        shares = self.shares()
+        for experience, share in shares.items():
+            slots = [slot for slot, item in enumerate(self.items) if int(item[0]) == experience]
+            if len(slots) <= share:
+                continue
+            order = torch.randperm(len(slots), generator=self.generator)
+            drop = {slots[int(index)] for index in order[: len(slots) - share]}
+            self.items = [item for slot, item in enumerate(self.items) if slot not in drop]
+            self.labels = [label for slot, label in enumerate(self.labels) if slot not in drop]
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "offered": {str(e): n for e, n in self.offered.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.offered = {int(e): int(n) for e, n in state["offered"].items()}
+
+
 def build_memory(spec: ReplaySpec, seed: int) -> ReservoirMemory:
-    return ClassBalancedMemory(spec.capacity, seed) if spec.kind == "class_balanced" \
-        else ReservoirMemory(spec.capacity, seed)
+    if spec.kind == "class_balanced":
+        return ClassBalancedMemory(spec.capacity, seed)
+    if spec.kind.startswith("budget_"):
+        return BudgetedMemory(spec.capacity, seed, "equal" if spec.kind == "budget_equal" else "exponential")
+    return ReservoirMemory(spec.capacity, seed)

@@ -29,7 +29,8 @@ class ERConfig(FinetuneConfig):
     memory_size: int = 500
     """Samples kept in the rehearsal memory (0: no memory, plain fine-tuning)."""
     memory: str = "reservoir"
-    """``reservoir`` (a uniform sample of the stream) or ``class_balanced``."""
+    """``reservoir`` (a uniform sample of the stream), ``class_balanced``, or a budget split over
+    experiences: ``budget_equal`` or ``budget_exponential`` (TiC-CLIP's replay buffers)."""
 
     def validate(self) -> None:
         if self.memory_size < 0:
