@@ -44,7 +44,7 @@ def comparable(value):
 
 
 def capture(tree: Path, suites: list[str], threads: int, work: Path | None = None,
-            output: Path | None = None) -> dict:
+            output: Path | None = None, only: list[str] | None = None) -> dict:
     sys.path[:0] = [str(tree / "src"), str(tree / "benchmarks")]
     import torch
 
@@ -60,6 +60,10 @@ def capture(tree: Path, suites: list[str], threads: int, work: Path | None = Non
     os.environ["CLIPCL_CACHE"] = str(work / "cache")
     captured: dict[str, dict] = {}
 
+    def wanted(suite: str, name: str) -> bool:
+        """``--only``: run just these runs (``suite/name``, or a whole ``suite``)."""
+        return not only or f"{suite}/{name}" in only or suite in only
+
     def record(suite: str, name: str, results: dict) -> None:
         captured.setdefault(suite, {})[name] = comparable(results)
         if output is not None:  # after every run, so an interrupted capture still compares what it ran
@@ -72,6 +76,8 @@ def capture(tree: Path, suites: list[str], threads: int, work: Path | None = Non
 
         for stream in STREAMS:
             for method in METHODS:
+                if not wanted("demo", f"{stream}/{method}"):
+                    continue
                 config = load_config(demo_config_path(stream), STRATEGY_OVERRIDES[method]
                                      + [f"output_dir={work / 'demo' / stream / method}"])
                 record("demo", f"{stream}/{method}", run_experiment(config, show_progress=False))
@@ -82,6 +88,8 @@ def capture(tree: Path, suites: list[str], threads: int, work: Path | None = Non
                                   output_dir=str(work / "dont_stop_learning"))
         for setting in benchmark.SETTINGS:
             for method in benchmark.METHODS:
+                if not wanted("dont_stop_learning", f"{setting}/{method}"):
+                    continue
                 config = benchmark.run_config(setting, method, 0, args)
                 record("dont_stop_learning", f"{setting}/{method}", run_experiment(config, show_progress=False))
     def run_online_lifelong() -> None:
@@ -91,6 +99,8 @@ def capture(tree: Path, suites: list[str], threads: int, work: Path | None = Non
                                   output_dir=str(work / "online_lifelong"))
         for stream in benchmark.STREAMS:
             for method in benchmark.METHODS:
+                if not wanted("online_lifelong", f"{stream}/{method}"):
+                    continue
                 config = benchmark.run_config(stream, method, 0, args)
                 record("online_lifelong", f"{stream}/{method}", run_experiment(config, show_progress=False))
     def run_moe_adapters() -> None:
@@ -99,7 +109,8 @@ def capture(tree: Path, suites: list[str], threads: int, work: Path | None = Non
         args = argparse.Namespace(epochs=3, train_samples=640, test_samples=200,
                                   output_dir=str(work / "moe_adapters"))
         for method in benchmark.METHODS:
-            record("moe_adapters", method, benchmark.run_one(method, 0, args))
+            if wanted("moe_adapters", method):
+                record("moe_adapters", method, benchmark.run_one(method, 0, args))
     runners = {"demo": run_demo, "dont_stop_learning": run_dont_stop_learning,
                "online_lifelong": run_online_lifelong, "moe_adapters": run_moe_adapters}
     for suite in suites:  # in the order asked for
@@ -137,6 +148,7 @@ def main() -> None:
     run.add_argument("--output", required=True)
     run.add_argument("--suites", default=",".join(SUITES))
     run.add_argument("--threads", type=int, default=2)
+    run.add_argument("--only", default="", help="comma-separated suite/name of the runs to run (or whole suites)")
     run.add_argument("--work", help="folder for the run folders and the feature cache (default: a new temporary one)")
     check = commands.add_parser("compare", help="compare two captures exactly")
     check.add_argument("before")
@@ -163,7 +175,7 @@ def main() -> None:
             parser.error(f"unknown suite {unknown[0]}; choose from {', '.join(SUITES)}")
         started = time.perf_counter()
         captured = capture(Path(args.tree).resolve(), suites, args.threads, Path(args.work) if args.work else None,
-                           Path(args.output))
+                           Path(args.output), [part for part in args.only.split(",") if part])
         captured["_meta"] = {"tree": str(Path(args.tree).resolve()), "suites": suites,
                              "minutes": round((time.perf_counter() - started) / 60, 1)}
         Path(args.output).write_text(json.dumps(captured, indent=1, sort_keys=True) + "\n")
