@@ -45,7 +45,7 @@ def comparable(value):
 
 
 def capture(tree: Path, suites: list[str], threads: int, work: Path | None = None,
-            output: Path | None = None, only: list[str] | None = None) -> dict:
+            output: Path | None = None, only: list[str] | None = None, memory_cache: bool = False) -> dict:
     sys.path[:0] = [str(tree / "src"), str(tree / "benchmarks")]
     import torch
 
@@ -65,6 +65,11 @@ def capture(tree: Path, suites: list[str], threads: int, work: Path | None = Non
         """``--only``: run just these runs (``suite/name``, or a whole ``suite``)."""
         return not only or f"{suite}/{name}" in only or suite in only
 
+    def run(config) -> dict:
+        if memory_cache:  # no run sees features another run wrote to disk
+            config.eval.cache_dir = ""
+        return run_experiment(config, show_progress=False)
+
     def record(suite: str, name: str, results: dict) -> None:
         captured.setdefault(suite, {})[name] = comparable(results)
         if output is not None:  # after every run, so an interrupted capture still compares what it ran
@@ -81,7 +86,7 @@ def capture(tree: Path, suites: list[str], threads: int, work: Path | None = Non
                     continue
                 config = load_config(demo_config_path(stream), STRATEGY_OVERRIDES[method]
                                      + [f"output_dir={work / 'demo' / stream / method}"])
-                record("demo", f"{stream}/{method}", run_experiment(config, show_progress=False))
+                record("demo", f"{stream}/{method}", run(config))
     def run_dont_stop_learning() -> None:
         import dont_stop_learning as benchmark
 
@@ -92,7 +97,7 @@ def capture(tree: Path, suites: list[str], threads: int, work: Path | None = Non
                 if not wanted("dont_stop_learning", f"{setting}/{method}"):
                     continue
                 config = benchmark.run_config(setting, method, 0, args)
-                record("dont_stop_learning", f"{setting}/{method}", run_experiment(config, show_progress=False))
+                record("dont_stop_learning", f"{setting}/{method}", run(config))
     def run_online_lifelong() -> None:
         import online_lifelong as benchmark
 
@@ -103,7 +108,7 @@ def capture(tree: Path, suites: list[str], threads: int, work: Path | None = Non
                 if not wanted("online_lifelong", f"{stream}/{method}"):
                     continue
                 config = benchmark.run_config(stream, method, 0, args)
-                record("online_lifelong", f"{stream}/{method}", run_experiment(config, show_progress=False))
+                record("online_lifelong", f"{stream}/{method}", run(config))
     def run_moe_adapters() -> None:
         import moe_adapters as benchmark
 
@@ -149,6 +154,8 @@ def main() -> None:
     run.add_argument("--output", required=True)
     run.add_argument("--suites", default=",".join(SUITES))
     run.add_argument("--threads", type=int, default=2)
+    run.add_argument("--memory-cache", action="store_true",
+                     help="feature caches in memory only: the old online code's numbers depended on the disk cache")
     run.add_argument("--only", default="", help="comma-separated suite/name of the runs to run (or whole suites)")
     run.add_argument("--work", help="folder for the run folders and the feature cache (default: a new temporary one)")
     check = commands.add_parser("compare", help="compare two captures exactly")
@@ -176,7 +183,7 @@ def main() -> None:
             parser.error(f"unknown suite {unknown[0]}; choose from {', '.join(SUITES)}")
         started = time.perf_counter()
         captured = capture(Path(args.tree).resolve(), suites, args.threads, Path(args.work) if args.work else None,
-                           Path(args.output), [part for part in args.only.split(",") if part])
+                           Path(args.output), [part for part in args.only.split(",") if part], args.memory_cache)
         captured["_meta"] = {"tree": str(Path(args.tree).resolve()), "suites": suites,
                              "minutes": round((time.perf_counter() - started) / 60, 1)}
         Path(args.output).write_text(json.dumps(captured, indent=1, sort_keys=True) + "\n")
