@@ -118,8 +118,29 @@ class _ReferenceImages(Dataset):
             return torch.stack([self.transform(self.dataset[index][0]) for index in indices])
 
 
-class ReferenceSource:
+class _PerStepSource:
+    """What every per-step source shares: a started loader that gives one step's batch at a time."""
+
+    kind = "source"
+    _batches = None
+
+    @property
+    def started(self) -> bool:
+        return self._batches is not None
+
+    def _next(self):
+        if self._batches is None:
+            raise RuntimeError(f"{self.kind} {self.name} used before start()")
+        return next(self._batches)
+
+    def stop(self) -> None:
+        self._batches = None
+
+
+class ReferenceSource(_PerStepSource):
     """A built reference set: its images, its texts, and per-step batches once started."""
+
+    kind = "reference source"
 
     def __init__(self, spec: ReferenceSpec, root: str | None, num_workers: int = 0) -> None:
         from clipcl.data.registry import load_dataset
@@ -160,17 +181,8 @@ class ReferenceSource:
                             generator=torch.Generator().manual_seed(seed))
         self._batches = iter(loader)
 
-    @property
-    def started(self) -> bool:
-        return self._batches is not None
-
     def next_batch(self) -> dict[str, torch.Tensor]:
-        if self._batches is None:
-            raise RuntimeError(f"reference source {self.name} used before start()")
-        return {"images": next(self._batches)}
-
-    def stop(self) -> None:
-        self._batches = None
+        return {"images": self._next()}
 
 
 @dataclass(frozen=True)
@@ -208,9 +220,11 @@ class _CaptionPairs(Dataset):
                 "image_ids": torch.tensor([self.dataset.image_ids[row] for row in rows], dtype=torch.long)}
 
 
-class CaptionSource:
+class CaptionSource(_PerStepSource):
     """A built caption source; per-step batches of ``images``, ``captions`` and ``image_ids`` (rows of
     the same image share an id, so a contrastive loss can treat all of an image's captions as positives)."""
+
+    kind = "caption source"
 
     def __init__(self, spec: CaptionSpec, root: str | None, num_workers: int = 0) -> None:
         from pathlib import Path
@@ -230,10 +244,6 @@ class CaptionSource:
     def name(self) -> str:
         return self.spec.path
 
-    @property
-    def started(self) -> bool:
-        return self._batches is not None
-
     def start(self, backend, seed: int, count: int, skip: int = 0) -> None:
         augmented = self.spec.preprocess == "train"
         pairs = _CaptionPairs(self.dataset, backend.train_preprocess if augmented else backend.preprocess, augmented)
@@ -242,9 +252,4 @@ class CaptionSource:
                                         generator=torch.Generator().manual_seed(seed)))
 
     def next_batch(self) -> dict:
-        if self._batches is None:
-            raise RuntimeError(f"caption source {self.name} used before start()")
-        return next(self._batches)
-
-    def stop(self) -> None:
-        self._batches = None
+        return self._next()

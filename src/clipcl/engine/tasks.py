@@ -80,6 +80,14 @@ def train_task(context: RunContext, task, images: StreamImages) -> ExperienceSta
     return stats
 
 
+def stream_images(context: RunContext) -> StreamImages:
+    """Every task's training images, for the loader; also tells the trainer each replayed sample's class."""
+    stream = context.stream
+    context.trainer.class_of = lambda experience, label: stream.tasks[experience].classes[
+        stream.tasks[experience].target_of_label[label]]
+    return StreamImages({task.index: task.train for task in stream.tasks}, context.strategy.backend.train_preprocess)
+
+
 def replan_memory(context: RunContext, completed: int) -> None:
     """Rebuild the replay memory of a resumed run: plan the finished tasks again (no image is loaded)."""
     if context.memory is None or not context.strategy.trainable_parameters():
@@ -117,9 +125,7 @@ def run_task_stream(context: RunContext, stop_after_task: int | None) -> dict[st
                                   str(directory.checkpoint(completed)) if completed >= 0 else None,
                                   global_step=sum(progress.get("train_steps", [])))
     context.trainer.global_step = sum(progress.get("train_steps", []))
-    images = StreamImages({task.index: task.train for task in stream.tasks}, strategy.backend.train_preprocess)
-    context.trainer.class_of = lambda experience, label: stream.tasks[experience].classes[
-        stream.tasks[experience].target_of_label[label]]
+    images = stream_images(context)
 
     batch_size = config.eval.batch_size
     retrieval_sets = [load_captioned(spec, config.eval.retrieval_images, config.stream.data_root)
@@ -264,8 +270,4 @@ def standalone_context(config, strategy, stream, runtime, cache) -> RunContext:
 
 def train_one_task(context: RunContext, task) -> ExperienceStats:
     """``train_task`` with the stream's training images built here (see :func:`standalone_context`)."""
-    stream = context.stream
-    images = StreamImages({each.index: each.train for each in stream.tasks}, context.strategy.backend.train_preprocess)
-    context.trainer.class_of = lambda experience, label: stream.tasks[experience].classes[
-        stream.tasks[experience].target_of_label[label]]
-    return train_task(context, task, images)
+    return train_task(context, task, stream_images(context))
