@@ -1,9 +1,12 @@
-"""`clipcl metrics` on bad input: exit code 2, one line on stderr
-that starts `clipcl: error:` and names the file and the cell. Also the accepted forms."""
+"""`clipcl metrics` and `clipcl report` on bad input: exit code 2, one line on stderr
+that starts `clipcl: error:` and names the file (or key), and nothing written. Also the accepted forms."""
 
+import copy
 import io
 import json
+import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -121,3 +124,187 @@ def test_metrics_reads_stdin(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(csv_text(MATRIX).encode())))
     assert main(["metrics", "-", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["transfer"] == pytest.approx(TRANSFER)
+
+
+# --- clipcl report --------------------------------------------------------------------------------
+
+TASK_RESULTS = {
+    "name": "toy/finetune",
+    "strategy": "finetune",
+    "protocol": "multi_domain",
+    "seed": 0,
+    "tasks": ["task1", "task2", "task3"],
+    "accuracy": {
+        "rows": ["after task1", "after task2", "after task3"],
+        "columns": ["task1", "task2", "task3"],
+        "matrix": MATRIX,
+        "zero_shot_row": [10.0, 20.0, 30.0],
+        "unit": "percent",
+    },
+    "heldout": {"datasets": ["held"], "zero_shot": [40.0], "after_each_task": [[39.0], [38.0], [37.0]]},
+    "metrics": {"transfer": TRANSFER, "avg": 61.7, "last": 80.0, "bwt": BWT, "forgetting": 12.5},
+    "timing": {"train_seconds": [1.0, 2.0, 3.0], "eval_seconds": [0.5, 0.5, 0.5],
+               "zero_shot_eval_seconds": 0.5},
+    "parameters": {"trainable": 1000, "total": 5000},
+}
+
+ONLINE_RESULTS = {
+    "name": "toy/online",
+    "protocol": "si_blurry",
+    "seed": 0,
+    "anytime": {"samples": [100, 200], "accuracy": [30.0, 40.0], "periodic": [], "unit": "percent"},
+    "stream": {"samples": 200, "classes": 10},
+    "heldout": {"datasets": [], "zero_shot": [], "after_stream": []},
+    "metrics": {"a_auc": 35.0, "a_last": 40.0},
+    "timing": {"train_seconds": 1.0, "eval_seconds": 0.5, "train_steps": 10, "train_examples": 200},
+    "parameters": {"trainable": 1000, "total": 5000},
+}
+
+
+def write_run(folder: Path, results=None, raw: bytes | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = raw if raw is not None else json.dumps(TASK_RESULTS if results is None else results).encode()
+    (folder / "results.json").write_bytes(data)
+    return folder
+
+
+def without(results: dict, dotted_key: str) -> dict:
+    results = copy.deepcopy(results)
+    *parents, last = dotted_key.split(".")
+    section = results
+    for part in parents:
+        section = section[part]
+    del section[last]
+    return results
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+BAD_RESULTS = {
+    "empty_object": b"{}",
+    "list": b"[]",
+    "not_utf8": b'{"name": "caf\xe9"}',
+    "not_json": b'{"name": ',
+    "no_accuracy": json.dumps(without(TASK_RESULTS, "accuracy")).encode(),
+    "no_matrix": json.dumps(without(TASK_RESULTS, "accuracy.matrix")).encode(),
+    "no_columns": json.dumps(without(TASK_RESULTS, "accuracy.columns")).encode(),
+    "no_metrics": json.dumps(without(TASK_RESULTS, "metrics")).encode(),
+    "no_timing": json.dumps(without(TASK_RESULTS, "timing.train_seconds")).encode(),
+    "no_parameters": json.dumps(without(TASK_RESULTS, "parameters")).encode(),
+    "matrix_is_text": json.dumps({**TASK_RESULTS, "accuracy": {**TASK_RESULTS["accuracy"], "matrix": "x"}}).encode(),
+    "online_no_anytime": json.dumps(without(ONLINE_RESULTS, "anytime")).encode(),
+}
+EXPECTED_IN_MESSAGE = {
+    "empty_object": ["empty"], "list": ["a list", "JSON object"], "not_utf8": ["UTF-8"],
+    "not_json": ["not valid JSON"], "no_accuracy": ["lacks 'accuracy'"],
+    "no_matrix": ["lacks 'accuracy.matrix'"], "no_columns": ["lacks 'accuracy.columns'"],
+    "no_metrics": ["lacks 'metrics'"], "no_timing": ["lacks 'timing.train_seconds'"],
+    "no_parameters": ["lacks 'parameters"], "matrix_is_text": ["'accuracy.matrix' is text"],
+    "online_no_anytime": ["lacks 'anytime"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RESULTS))
+def test_report_refuses_bad_results_and_writes_nothing(case, tmp_path, capsys):
+    good = write_run(tmp_path / "good")  # listed first: its plots must not be written either
+    bad = write_run(tmp_path / "bad", raw=BAD_RESULTS[case])
+    before = files_under(tmp_path)
+    assert main(["report", str(good), str(bad), "--output", str(tmp_path / "report.md")]) == 2
+    one_error_line(capsys, str(bad / "results.json"), *EXPECTED_IN_MESSAGE[case])
+    assert files_under(tmp_path) == before
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """Make folders read-only: by mode bits, and (the tests may run as root, who ignores them) for
+    os.access too. Returns the function that makes one folder read-only."""
+    folders: list[Path] = []
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and Path(path).resolve() in folders:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+    def make(folder: Path) -> Path:
+        folder.chmod(0o555)
+        folders.append(folder.resolve())
+        return folder
+
+    yield make
+    for folder in folders:
+        folder.chmod(0o755)  # so that pytest can remove tmp_path
+
+
+def test_report_on_a_read_only_run_names_both_options(tmp_path, capsys, read_only):
+    run = read_only(write_run(tmp_path / "run"))
+    before = files_under(tmp_path)
+    assert main(["report", str(run)]) == 2
+    one_error_line(capsys, str(run), "read-only", "--plots-dir", "--no-plots")
+    assert files_under(tmp_path) == before
+
+
+def test_report_on_a_read_only_run_with_plots_dir_or_no_plots(tmp_path, capsys, read_only):
+    run = read_only(write_run(tmp_path / "run"))
+    assert main(["report", str(run), "--plots-dir", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "run" / "accuracy_matrix.png").exists()
+    assert (tmp_path / "plots" / "run" / "task_accuracy.png").exists()
+    assert "\n| zero-shot |" in capsys.readouterr().out
+    before = files_under(tmp_path)
+    assert main(["report", str(run), "--no-plots"]) == 0
+    assert "Plots:" not in capsys.readouterr().out
+    assert files_under(tmp_path) == before
+
+
+def test_report_plots_dir_keeps_runs_of_the_same_name_apart(tmp_path, capsys):
+    first = write_run(tmp_path / "a" / "run")
+    second = write_run(tmp_path / "b" / "run")
+    assert main(["report", str(first), str(second), "--plots-dir", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "run" / "accuracy_matrix.png").exists()
+    assert (tmp_path / "plots" / "run-2" / "accuracy_matrix.png").exists()
+    assert not (first / "accuracy_matrix.png").exists()
+
+
+@pytest.mark.parametrize("where", ["a folder", "a missing folder", "a read-only folder"])
+def test_report_refuses_an_output_it_cannot_write(where, tmp_path, capsys, read_only):
+    run = write_run(tmp_path / "run")
+    output = {"a folder": tmp_path / "out",
+              "a missing folder": tmp_path / "missing" / "report.md",
+              "a read-only folder": tmp_path / "locked" / "report.md"}[where]
+    if where == "a folder":
+        output.mkdir()
+    if where == "a read-only folder":
+        output.parent.mkdir()
+        read_only(output.parent)
+    before = files_under(tmp_path)
+    assert main(["report", str(run), "--output", str(output)]) == 2
+    one_error_line(capsys, "--output", str(output))
+    assert files_under(tmp_path) == before
+    assert not (tmp_path / "missing").exists()
+
+
+def test_report_renders_a_run_without_zero_shot_row(tmp_path, capsys):
+    results = copy.deepcopy(TASK_RESULTS)
+    results["accuracy"]["zero_shot_row"] = None  # eval.zero_shot_row: false
+    results["heldout"]["zero_shot"] = None
+    results["timing"]["zero_shot_eval_seconds"] = None
+    results["metrics"]["zero_shot_avg"] = None
+    run = write_run(tmp_path / "run", results)
+    output = tmp_path / "report.md"
+    assert main(["report", str(run), str(write_run(tmp_path / "other")), "--output", str(output)]) == 0
+    text = output.read_text()
+    assert text.count("\n| zero-shot |") == 1  # a zero-shot row of the matrix: only the other run has one
+    assert "| zero_shot_avg | – |" in text
+    assert "| held | – | 37.0 |" in text
+    assert (run / "accuracy_matrix.png").exists() and (run / "task_accuracy.png").exists()
+
+
+def test_report_of_an_online_run(tmp_path, capsys):
+    run = write_run(tmp_path / "run", ONLINE_RESULTS)
+    assert main(["report", str(run)]) == 0
+    assert "Anytime accuracy" in capsys.readouterr().out
+    assert (run / "anytime_accuracy.png").exists()

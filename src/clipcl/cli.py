@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -259,25 +260,89 @@ def command_metrics(args: argparse.Namespace) -> int:
 # --- clipcl report --------------------------------------------------------------------------------
 
 
+def _is_writable_folder(folder: Path) -> bool:
+    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+
+
+def _nearest_existing_folder(path: Path) -> Path:
+    """``path`` or the closest of its parents that exists (the one that must be writable to create it)."""
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            return candidate
+    return Path(".")
+
+
+def _plot_folders(run_dirs: list[str], plots_dir: str | None) -> list[Path]:
+    """Where each run's plots go: its own folder, or ``plots_dir/RUN_NAME``; checked, not yet created."""
+    if plots_dir is None:
+        for run_dir in run_dirs:
+            if not _is_writable_folder(Path(run_dir)):
+                raise ValueError(f"{run_dir} is read-only, so its plots cannot be written there; "
+                                 "pass --plots-dir DIR to write them elsewhere, or --no-plots")
+        return [Path(run_dir) for run_dir in run_dirs]
+    base = Path(plots_dir)
+    existing = _nearest_existing_folder(base)
+    if not existing.is_dir():
+        raise ValueError(f"--plots-dir {plots_dir}: {existing} is a file, not a folder")
+    if not _is_writable_folder(existing):
+        raise ValueError(f"--plots-dir {plots_dir}: {existing} is read-only")
+    folders: list[Path] = []
+    owner: dict[Path, Path] = {}  # plot folder -> the run directory whose plots it holds
+    for run_dir in run_dirs:
+        # One subfolder per run, named after it; different runs of the same name get -2, -3, ...
+        run = Path(run_dir).resolve()
+        name = run.name or "run"
+        folder, suffix = base / name, 1
+        while owner.get(folder, run) != run:
+            suffix += 1
+            folder = base / f"{name}-{suffix}"
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--plots-dir {plots_dir}: {folder} is a file, not a folder")
+        owner[folder] = run
+        folders.append(folder)
+    return folders
+
+
+def _checked_output(output: str) -> Path:
+    """The --output file, refused when it could not be written (a folder, a missing or read-only one)."""
+    path = Path(output)
+    if path.is_dir():
+        raise ValueError(f"--output {output} is a folder; give a file name, e.g. {path / 'report.md'}")
+    if not path.parent.is_dir():
+        raise ValueError(f"--output {output}: the folder {path.parent} does not exist")
+    if not _is_writable_folder(path.parent):
+        raise ValueError(f"--output {output}: the folder {path.parent} is read-only")
+    return path
+
+
 def command_report(args: argparse.Namespace) -> int:
+    from clipcl.checkpoint import atomic_write_text
     from clipcl.report import comparison_markdown, load_results, plot_run, run_summary_markdown
 
+    if args.no_plots and args.plots_dir:
+        return _fail("--no-plots and --plots-dir exclude each other")
+    # Check every input and destination first, so that a bad one leaves nothing written.
     try:
         all_results = [load_results(run_dir) for run_dir in args.run_dirs]
-    except (FileNotFoundError, json.JSONDecodeError) as error:
+        plot_folders = [] if args.no_plots else _plot_folders(args.run_dirs, args.plots_dir)
+        output = _checked_output(args.output) if args.output else None
+    except ValueError as error:
         return _fail(str(error))
     parts = []
-    for run_dir, results in zip(args.run_dirs, all_results):
-        plots = plot_run(results, run_dir)
-        parts.append(run_summary_markdown(results))
-        parts.append("Plots: " + ", ".join(str(path) for path in plots) + "\n")
-    if len(all_results) > 1:
-        parts.insert(0, "# Comparison\n\n" + comparison_markdown(all_results) + "\n")
-    text = "\n".join(parts)
-    if args.output:
-        from clipcl.checkpoint import atomic_write_text
-
-        atomic_write_text(args.output, text)
+    try:
+        for position, results in enumerate(all_results):
+            parts.append(run_summary_markdown(results))
+            if plot_folders:
+                plot_folders[position].mkdir(parents=True, exist_ok=True)
+                plots = plot_run(results, plot_folders[position])
+                parts.append("Plots: " + ", ".join(str(path) for path in plots) + "\n")
+        if len(all_results) > 1:
+            parts.insert(0, "# Comparison\n\n" + comparison_markdown(all_results) + "\n")
+        text = "\n".join(parts)
+        if output is not None:
+            atomic_write_text(output, text)
+    except OSError as error:  # a disk that fills, or a folder that changes while we write
+        return _fail(f"cannot write {error.filename or 'the report'}: {error.strerror or error}")
     print(text)
     return 0
 
@@ -319,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="Markdown summary and plots of one or more run directories")
     report.add_argument("run_dirs", nargs="+")
-    report.add_argument("--output", help="also write the Markdown here")
+    report.add_argument("--output", help="also write the Markdown to this file")
+    report.add_argument("--plots-dir", help="write the plots to DIR/RUN_NAME/ instead of into each run directory")
+    report.add_argument("--no-plots", action="store_true", help="only the Markdown, no plots")
     report.set_defaults(handler=command_report)
 
     demo = sub.add_parser("demo", help="the default offline comparison (README's first command)")
