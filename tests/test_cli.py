@@ -1,4 +1,4 @@
-"""`clipcl metrics` and `clipcl report` on bad input: exit code 2, one line on stderr
+"""`clipcl metrics`, `clipcl report` and `clipcl demo` on bad input: exit code 2, one line on stderr
 that starts `clipcl: error:` and names the file (or key), and nothing written. Also the accepted forms."""
 
 import copy
@@ -308,3 +308,32 @@ def test_report_of_an_online_run(tmp_path, capsys):
     assert main(["report", str(run)]) == 0
     assert "Anytime accuracy" in capsys.readouterr().out
     assert (run / "anytime_accuracy.png").exists()
+
+
+# --- clipcl demo ----------------------------------------------------------------------------------
+
+
+def test_demo_accepts_the_restart_it_advises(tmp_path, capsys, monkeypatch):
+    """A demo folder holding runs of another config says to pass --restart; demo takes it and
+    passes it on to every run."""
+    import clipcl.demo
+    from clipcl.run import RunError
+
+    calls = []
+
+    def fake_run_experiment(config, restart=False, show_progress=True):
+        calls.append(restart)
+        if not restart:
+            raise RunError(f"{config.output_dir} holds a run with another config; choose another output_dir "
+                           "or pass --restart to overwrite it")
+        return {"name": config.label, "protocol": config.stream.protocol, "metrics": {"avg": 50.0}}
+
+    monkeypatch.setattr(clipcl.demo, "run_experiment", fake_run_experiment)
+    monkeypatch.setattr(clipcl.demo, "plot_run", lambda results, directory: [])
+    output = tmp_path / "demo"
+    assert main(["demo", "--quick", "--quiet", "--output", str(output)]) == 2
+    one_error_line(capsys, "--restart")
+    calls.clear()
+    assert main(["demo", "--quick", "--quiet", "--output", str(output), "--restart"]) == 0
+    assert calls == [True] * 6
+    assert "multi_domain/finetune" in (output / "comparison.md").read_text()

@@ -354,7 +354,7 @@ def command_demo(args: argparse.Namespace) -> int:
     from clipcl.demo import run_demo
 
     try:
-        return run_demo(args.output, quick=args.quick, show_progress=not args.quiet)
+        return run_demo(args.output, quick=args.quick, show_progress=not args.quiet, restart=args.restart)
     except _user_errors() as error:
         return _fail(str(error).splitlines()[0])
 
@@ -393,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="runs/demo", help="parent folder of the run directories")
     demo.add_argument("--quick", action="store_true", help="a much smaller version, for a smoke test")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--restart", action="store_true",
+                      help="discard earlier runs in the run directories instead of resuming them")
     demo.set_defaults(handler=command_demo)
     return parser
 

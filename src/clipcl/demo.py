@@ -2,7 +2,9 @@
 
 On the offline starter model it runs zero-shot, fine-tuning and WiSE-FT on a multi-domain stream
 (Fashion-MNIST -> MNIST-5k -> digits) and on a class-incremental Fashion-MNIST stream, writes one
-run directory per (stream, method) and prints the comparison table. Runs resume if interrupted.
+run directory per (stream, method) and prints the comparison table. Runs resume if interrupted;
+``restart`` (``clipcl demo --restart``) discards earlier runs in the same directories instead, which
+is also what a run directory holding a run of another config asks for.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def demo_config_path(stream: str) -> Path:
     return Path(str(resources.files("clipcl") / "configs" / f"demo_{stream}.yaml"))
 
 
-def run_demo(output: str = "runs/demo", quick: bool = False, show_progress: bool = True) -> int:
+def run_demo(output: str = "runs/demo", quick: bool = False, show_progress: bool = True,
+             restart: bool = False) -> int:
     started = time.perf_counter()
     all_results = []
     for stream in STREAMS:
@@ -52,7 +55,7 @@ def run_demo(output: str = "runs/demo", quick: bool = False, show_progress: bool
             config = load_config(demo_config_path(stream), overrides)
             if show_progress:
                 print(f"== {stream} / {method} -> {config.output_dir}", file=sys.stderr)
-            results = run_experiment(config, show_progress=show_progress)
+            results = run_experiment(config, restart=restart, show_progress=show_progress)
             plot_run(results, config.output_dir)
             all_results.append(results)
     table = comparison_markdown(all_results)
