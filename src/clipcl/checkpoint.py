@@ -1,5 +1,8 @@
 """Task-boundary checkpoints (safetensors) and atomic file writes.
 
+Every file carries a sha256 of its tensors in its metadata and is verified on load, so a truncated
+or overwritten file is named (:class:`DamagedCheckpoint`), never half-applied.
+
 A checkpoint stores only the tensors that differ from the freshly built strategy (plus any the
 method added): a zero-shot or text-only run does not write the whole image tower after every task.
 Loading builds the same strategy from the same config and applies the difference. The config's
@@ -18,9 +21,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from clipcl.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used here. One line says why."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint file that cannot be read or whose checksum does not match (truncated, overwritten)."""
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -29,7 +38,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w") as file:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
         os.replace(temporary, path)
     finally:
@@ -43,8 +52,10 @@ def atomic_write_json(path: str | Path, data) -> None:
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
                             metadata: dict[str, str] | None = None) -> None:
-    """Save tensors with safetensors through a temporary file, so a crash never leaves half a file."""
+    """Save tensors with safetensors through a temporary file, so a crash never leaves half a file.
+    The metadata gets a ``sha256`` of the tensors, which :func:`read_verified` checks."""
     path = Path(path)
+    metadata = {**(metadata or {}), "sha256": tensors_digest(tensors)}
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
@@ -54,6 +65,35 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        # Raw bytes through a uint8 view: works for every dtype, bf16 included (numpy has none).
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_verified(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A safetensors file's metadata and tensors, after checking its checksum (files written before
+    clipcl stored one are read unchecked). Raises :class:`DamagedCheckpoint` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as error:  # noqa: BLE001 (safetensors raises several types for damaged files)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged (cannot be read: {reason})") from None
+    if "sha256" in metadata and metadata["sha256"] != tensors_digest(tensors):
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged (its checksum does not match its content)")
+    return metadata, tensors
 
 
 def fingerprint_digest(fingerprint: str) -> str:
@@ -87,12 +127,7 @@ def save_checkpoint(path: str | Path, module: torch.nn.Module, reference: dict[s
 def load_checkpoint(path: str | Path, module: torch.nn.Module, fingerprint: str) -> int:
     """Apply a checkpoint to a freshly built ``module``; returns the task index it was taken after."""
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-            tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except Exception as error:  # noqa: BLE001 (safetensors raises several types for damaged files)
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+    metadata, tensors = read_verified(path)
     if metadata.get("format") != "clipcl-delta-1":
         raise CheckpointError(f"{path} is not a clipcl checkpoint")
     if metadata.get("config") != fingerprint_digest(fingerprint):

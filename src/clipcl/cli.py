@@ -6,12 +6,11 @@ Errors a user can fix (bad config, missing data, a foreign checkpoint) print one
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import os
 import sys
+import traceback
 from pathlib import Path
 
 
@@ -21,12 +20,20 @@ def _fail(message: str) -> int:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from clipcl.checkpoint import CheckpointError
-    from clipcl.config import ConfigError
-    from clipcl.data.base import DataError
-    from clipcl.run import RunError
+    """What a handler turns into one line: errors the user caused (clipcl.errors.UserError) and the
+    machine's refusals (a missing or unreadable file, a full disk). Anything else is a bug: ``main``
+    prints its traceback."""
+    from clipcl.errors import UserError
 
-    return (ConfigError, DataError, CheckpointError, RunError, ValueError, FileNotFoundError)
+    return (UserError, OSError)
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        where = error.filename if error.filename is not None else ""
+        return f"{where}: {error.strerror}" if where else error.strerror
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 # --- clipcl run -----------------------------------------------------------------------------------
@@ -39,12 +46,13 @@ def command_run(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config, args.overrides)
-        results = run_experiment(config, restart=args.restart, show_progress=not args.quiet)
+        results = run_experiment(config, restart=args.restart, resume_from_intact=args.resume_from_intact,
+                                 show_progress=not args.quiet)
         if results.get("interrupted"):
             return _fail("the run stopped before its last task")
         plot_run(results, config.output_dir)
     except _user_errors() as error:
-        return _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return _fail(_one_line(error))
     print(run_summary_markdown(results))
     print(f"run directory: {config.output_dir}")
     return 0
@@ -88,158 +96,8 @@ def command_list(args: argparse.Namespace) -> int:
 # --- clipcl metrics -------------------------------------------------------------------------------
 
 
-class MatrixError(ValueError):
-    """An accuracy matrix file that ``clipcl metrics`` cannot read; the message is one line naming it."""
-
-
-def _read_text(path: str, name: str) -> str:
-    """The file (or stdin) as text; one-line errors for a missing, unreadable or non-UTF-8 file."""
-    try:
-        if path == "-":
-            # Read bytes where stdin has them, so that a non-UTF-8 pipe fails here with our message.
-            buffer = getattr(sys.stdin, "buffer", None)
-            data = buffer.read() if buffer is not None else sys.stdin.read().encode()
-        else:
-            data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise MatrixError(f"{name} does not exist") from None
-    except OSError as error:
-        raise MatrixError(f"cannot read {name}: {error.strerror or error}") from None
-    try:
-        return data.decode("utf-8-sig")  # -sig: spreadsheets often start a CSV with a byte-order mark
-    except UnicodeDecodeError as error:
-        raise MatrixError(f"{name} is not UTF-8 text (byte {error.start})") from None
-
-
-def _matrix_from_json(text: str, name: str) -> list[tuple[str, list[tuple[str, object]]]]:
-    """The rows of a JSON matrix as (row label, [(cell label, value)]) for :func:`_checked_matrix`."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise MatrixError(f"{name} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})") from None
-    if isinstance(data, dict):
-        accuracy = data.get("accuracy")
-        if "matrix" in data:
-            data = data["matrix"]
-        elif isinstance(accuracy, dict) and "matrix" in accuracy:
-            data = accuracy["matrix"]  # a clipcl results.json
-        else:
-            raise MatrixError(f"{name}: a JSON object must hold 'matrix' or 'accuracy.matrix'")
-    if not isinstance(data, list):
-        raise MatrixError(f"{name}: the matrix must be a JSON list of rows, not {_json_kind(data)}")
-    rows = []
-    for row_number, row in enumerate(data, start=1):
-        if not isinstance(row, list):
-            raise MatrixError(f"{name}: row {row_number} is {_json_kind(row)}, not a list of numbers "
-                             "(the matrix is a list of rows)")
-        rows.append((f"row {row_number}", [(f"row {row_number}, column {column}", value)
-                                           for column, value in enumerate(row, start=1)]))
-    return rows
-
-
-def _json_kind(value: object) -> str:
-    """How a JSON value reads in an error message: null, true, a string, a list, an object, 5."""
-    if value is None or isinstance(value, bool):
-        return json.dumps(value)
-    if isinstance(value, str):
-        return f"the text {json.dumps(value[:20] + ('...' if len(value) > 20 else ''))}"
-    return {list: "a list", dict: "an object"}.get(type(value), repr(value))
-
-
-def _is_number(cell: str) -> bool:
-    try:
-        float(cell)
-        return True
-    except ValueError:
-        return False
-
-
-def _matrix_from_csv(text: str, name: str) -> list[tuple[str, list[tuple[str, object]]]]:
-    """The rows of a CSV matrix, without its header row and label column, as for the JSON form."""
-    reader = csv.reader(io.StringIO(text))
-    lines = []  # (line number, stripped cells) of the non-blank rows
-    for row in reader:
-        if any(cell.strip() for cell in row):
-            lines.append((reader.line_num, [cell.strip() for cell in row]))
-    # A header names the columns: no cell of it is a number (its first cell may be the corner of a
-    # label column). A first row with numbers in it is data, so a typo in it is reported, not skipped.
-    if lines and not any(_is_number(cell) for cell in lines[0][1][1:]):
-        lines = lines[1:]
-    if not lines:
-        raise MatrixError(f"{name} holds a header but no rows of numbers")
-    # A label column ("after task 1", ...) has no number in any row; one label alone is a typo.
-    if all(not _is_number(cells[0]) for _, cells in lines):
-        lines = [(number, cells[1:]) for number, cells in lines]
-    rows = []
-    for line_number, cells in lines:
-        values = []
-        for column, cell in enumerate(cells, start=1):
-            where = f"line {line_number}, column {column}"
-            if not _is_number(cell):
-                raise MatrixError(f"{name}: {where} is {'empty' if not cell else repr(cell)}, not a number")
-            values.append((where, float(cell)))
-        rows.append((f"line {line_number}", values))
-    return rows
-
-
-def _values(count: int) -> str:
-    return f"{count} value" if count == 1 else f"{count} values"
-
-
-def _checked_matrix(rows: list[tuple[str, list[tuple[str, object]]]], name: str,
-                    fractions: bool) -> list[list[float]]:
-    """A square matrix of percentages from labelled rows; a one-line MatrixError naming the first
-    cell (or row) that is not a finite number in [0, 100], or the shape when it is not T x T."""
-    matrix = []
-    for _, cells in rows:
-        values = []
-        for where, value in cells:
-            # bool is an int in Python, but JSON true is not an accuracy.
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise MatrixError(f"{name}: {where} is {_json_kind(value)}, not a number")
-            try:
-                number = float(value)
-            except OverflowError:
-                number = math.inf
-            if not math.isfinite(number):
-                raise MatrixError(f"{name}: {where} is {value}, not a finite number")
-            values.append(number)
-        matrix.append(values)
-    if not matrix:
-        raise MatrixError(f"{name} holds no matrix")
-    for (label, _), values in zip(rows, matrix):
-        if len(values) != len(matrix[0]):
-            raise MatrixError(f"{name}: {label} has {_values(len(values))} but {rows[0][0]} has {_values(len(matrix[0]))}; "
-                             "the matrix must be T x T")
-    if len(matrix[0]) != len(matrix):
-        raise MatrixError(f"{name}: the matrix has {len(matrix)} rows and {len(matrix[0])} columns; "
-                         "it must be square (T x T: row t is after training task t, column d is task d)")
-    if fractions:
-        matrix = [[100.0 * value for value in values] for values in matrix]
-    elif all(0.0 <= value <= 1.0 for values in matrix for value in values):
-        raise MatrixError(f"{name}: every value is between 0 and 1, which looks like fractions; accuracies are "
-                         "percentages (pass --fractions to multiply them by 100)")
-    for (_, cells), values in zip(rows, matrix):
-        for (where, _), value in zip(cells, values):
-            if not 0.0 <= value <= 100.0:
-                shown = f"{value / 100:g} (x 100 = {value:g})" if fractions else f"{value:g}"
-                raise MatrixError(f"{name}: {where} is {shown}, outside 0..100 (accuracies are percentages)")
-    return matrix
-
-
-def read_matrix(path: str, fractions: bool = False) -> list[list[float]]:
-    """Read a T x T accuracy matrix (percent) from CSV, with an optional header row and/or label
-    column, or from JSON: a list of rows, ``{"matrix": ...}`` or a results.json. ``-`` is stdin;
-    ``fractions`` multiplies every value by 100. Raises a one-line MatrixError naming the file."""
-    name = "stdin" if path == "-" else path
-    text = _read_text(path, name).strip()
-    if not text:
-        raise MatrixError(f"{name} is empty")
-    rows = _matrix_from_json(text, name) if text[0] in "[{" else _matrix_from_csv(text, name)
-    return _checked_matrix(rows, name, fractions)
-
-
 def command_metrics(args: argparse.Namespace) -> int:
+    from clipcl.eval.matrix_file import read_matrix
     from clipcl.eval.metrics import all_metrics
 
     try:
@@ -356,17 +214,28 @@ def command_demo(args: argparse.Namespace) -> int:
     try:
         return run_demo(args.output, quick=args.quick, show_progress=not args.quiet, restart=args.restart)
     except _user_errors() as error:
-        return _fail(str(error).splitlines()[0])
+        return _fail(_one_line(error))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as the one ``clipcl: error:`` line every error gets."""
+
+    def error(self, message: str):
+        print(f"clipcl: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipcl", description="Continual learning of CLIP models.")
+    parser = _Parser(prog="clipcl", description="Continual learning of CLIP models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run (or resume) a continual-learning run from a YAML config")
     run.add_argument("config", help="YAML run config, or the name of a shipped one (clipcl list)")
     run.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-4")
-    run.add_argument("--restart", action="store_true", help="discard an earlier run in the same output_dir")
+    run.add_argument("--restart", action="store_true",
+                     help="replace an earlier run in the same output_dir (only once the new one is built and checked)")
+    run.add_argument("--resume-from-intact", action="store_true",
+                     help="when the latest checkpoint is damaged, resume from the newest intact one")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(handler=command_run)
 
@@ -409,7 +278,17 @@ def main(argv: list[str] | None = None) -> int:
         leftovers = [item for item in leftovers if not ("=" in item and not item.startswith("-"))]
     if leftovers:
         parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        again = " (rerun the same command to resume from the last checkpoint)" if args.command in ("run", "demo") else ""
+        print(f"clipcl: interrupted{again}", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 (the handlers turn every user error into one line: this is a bug)
+        traceback.print_exc()
+        print("clipcl: internal error: this is a bug in clipcl, not a problem with your input; please report "
+              "it with the traceback above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -138,8 +138,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             path = shipped_configs()[path.name]
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist (shipped configs: {', '.join(shipped_configs())})")
+        if path.is_dir():
+            raise ConfigError(f"config {path} is a folder; give a YAML file inside it")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.start})") from None
+        except OSError as error:
+            raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
         except yaml.YAMLError as error:
             raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
         if loaded is not None and not isinstance(loaded, dict):
@@ -152,10 +158,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def config_fingerprint(config: RunConfig) -> str:
-    """What must match for a checkpoint to be reused: everything except where outputs go."""
+    """What must match for a run to be resumed: everything that changes a number. Left out: where
+    outputs go, the label, the observers (they only read events) and the evaluation settings that
+    change only how features are computed or stored (``eval.batch_size``: predictions are per image;
+    ``eval.feature_cache``, ``eval.cache_dir``: a cached feature is the one computed). The rest of
+    ``eval`` stays in: a resume with other retrieval sets or another zero-shot setting would mix rows
+    measured two ways. The data itself is checked separately (progress.json's ``data``)."""
     data = to_dict(config)
     data.pop("output_dir", None)
     data.pop("name", None)
-    data["eval"] = {}  # evaluation settings never change the trained weights
-    data.pop("observe", None)  # observers only read events
+    data.pop("observe", None)
+    for key in ("batch_size", "feature_cache", "cache_dir"):
+        data["eval"].pop(key, None)
     return json.dumps(data, sort_keys=True)

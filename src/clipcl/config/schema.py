@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any
 
+from clipcl.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad configuration. The message is one line naming the key and what is allowed."""
 
 

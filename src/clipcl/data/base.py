@@ -15,8 +15,10 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from clipcl.errors import UserError
 
-class DataError(RuntimeError):
+
+class DataError(UserError, RuntimeError):
     """Bad or missing data. The message is one line that says what to do."""
 
 

@@ -73,13 +73,14 @@ class ImageFolderDataset(ClassificationDataset):
         for label, class_name in enumerate(names):
             class_folder = folder / class_name
             if not class_folder.is_dir():
-                continue
-            for path in sorted(class_folder.rglob("*")):
-                if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
-                    paths.append(path)
-                    labels.append(label)
-        if not paths:
-            raise DataError(f"{folder} holds no images with suffixes {', '.join(sorted(IMAGE_SUFFIXES))}")
+                continue  # a class only the other split has: it keeps its label there
+            found = [path for path in sorted(class_folder.rglob("*"))
+                     if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")]
+            if not found:
+                raise DataError(f"class folder {class_folder} holds no images with suffixes "
+                                f"{', '.join(sorted(IMAGE_SUFFIXES))}")
+            paths.extend(found)
+            labels.extend([label] * len(found))
         all_labels = np.asarray(labels, dtype=np.int64)
         if not has_split_folders:
             from clipcl.data.offline import OFFLINE_SPLIT_SEED, OFFLINE_TEST_FRACTION, _stratified_split
@@ -154,8 +155,16 @@ class CaptionDataset:
 CSV_COLUMNS = (("image", "caption"), ("filepath", "title"))
 
 
+def read_caption_text(path: Path) -> str:
+    """A caption file's text, or one line naming the file when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"caption file {path} is not UTF-8 text (byte {error.start})") from None
+
+
 def _read_csv(path: Path) -> list[tuple[str, str]]:
-    text = path.read_text(encoding="utf-8")
+    text = read_caption_text(path)
     header = text.splitlines()[0] if text else ""
     # open_clip writes tab-separated files, often named .csv: use a tab when the header has one.
     delimiter = "\t" if path.suffix.lower() == ".tsv" or ("\t" in header and "," not in header) else ","
@@ -177,7 +186,7 @@ def _read_csv(path: Path) -> list[tuple[str, str]]:
 
 def _read_jsonl(path: Path) -> list[tuple[str, str]]:
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_caption_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -196,7 +205,7 @@ def _read_karpathy(path: Path, split: str | None) -> list[tuple[str, str]]:
     (COCO's sub-folder), "split", "sentences": [{"raw": ...}]}]}``."""
     wanted = None if split is None else ({split, "restval"} if split == "train" else {split})
     try:
-        images = json.loads(path.read_text(encoding="utf-8"))["images"]
+        images = json.loads(read_caption_text(path))["images"]
         pairs = []
         for number, image in enumerate(images):
             if wanted is not None and image.get("split") not in wanted:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -18,9 +19,10 @@ from clipcl import __version__
 from clipcl.checkpoint import atomic_write_json, atomic_write_text
 from clipcl.config import RunConfig, to_dict
 from clipcl.engine.runtime import Runtime
+from clipcl.errors import UserError
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """A run that cannot start or go on. One line says why."""
 
 
@@ -80,7 +82,16 @@ class RunDirectory:
     def read_progress(self) -> dict[str, Any] | None:
         if not self.progress.exists():
             return None
-        return json.loads(self.progress.read_text())
+        return read_json_file(self.progress)
+
+
+def read_json_file(path: Path) -> Any:
+    """A JSON file clipcl wrote, or one line naming it when it is damaged."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise RunError(f"{path} is damaged (not valid JSON); pass --restart to start this run over, "
+                       "or choose another output_dir") from None
 
 
 # --- what every driver gets ------------------------------------------------------------------------
@@ -105,6 +116,64 @@ class RunContext:
     """The replay memory, when the method declares one (``clipcl.data.memory``)."""
     step_sources: dict[str, Any] = field(default_factory=dict)
     """Sources drawn for every training step, by batch key."""
+    retrieval_sets: list[Any] = field(default_factory=list)
+    """``eval.retrieval``'s captioned sets, loaded before the run folder is touched."""
+    resume_from_intact: bool = False
+    """A damaged last checkpoint sends the run back to the last intact one instead of stopping it."""
+    data: dict[str, str] = field(default_factory=dict)
+    """Content fingerprint of every dataset that shapes a number (:func:`data_fingerprints`)."""
+
+
+def data_fingerprints(stream, sources: dict[str, Any], retrieval_sets: list[Any]) -> dict[str, str]:
+    """A short content digest of every dataset a run trains or measures on, by a readable name: the
+    tasks' train and test sets, held-out sets, the method's reference and caption sources and the
+    retrieval sets. Stored in progress.json; a resume whose data differs is refused."""
+    found: dict[str, str] = {}
+
+    def add(name: str, fingerprint: str) -> None:
+        found[name] = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+
+    if hasattr(stream, "tasks"):
+        for task in stream.tasks:
+            add(f"task {task.name}/train", task.train.fingerprint())
+            add(f"task {task.name}/test", task.test.fingerprint())
+    else:  # an online stream: one union train set and one union test set
+        add("stream/train", stream.train.fingerprint())
+        add("stream/test", stream.test.fingerprint())
+    for held in stream.heldout:
+        add(f"held-out {held.name}", held.test.fingerprint())
+    for name, source in sources.items():
+        add(f"source {name}", _source_fingerprint(source))
+    for captioned in retrieval_sets:
+        digest = hashlib.sha256()
+        for image in captioned.images:
+            digest.update(repr((image.size, image.mode)).encode())
+            digest.update(image.tobytes())
+        digest.update(json.dumps([captioned.captions, captioned.caption_image]).encode())
+        add(f"retrieval {captioned.name}", digest.hexdigest())
+    return found
+
+
+def _source_fingerprint(source) -> str:
+    """A reference source's images and texts, or a caption source's pairs (paths relative to the file)."""
+    dataset = source.dataset
+    if hasattr(dataset, "fingerprint"):
+        return dataset.fingerprint() + "|" + json.dumps(getattr(source, "texts", []))
+    base = dataset.path.parent
+    rows = [(str(path.relative_to(base)) if path.is_relative_to(base) else path.name, path.stat().st_size, caption)
+            for path, caption in zip(dataset.image_paths, dataset.captions)]
+    return json.dumps(rows)
+
+
+def check_same_data(previous: dict[str, str] | None, current: dict[str, str], progress_path: Path) -> None:
+    """Refuse a resume whose data differs from what the run started with (a number would mix both)."""
+    if not previous:
+        return  # a run started before clipcl recorded its data
+    for name in sorted(set(previous) | set(current)):
+        if previous.get(name) != current.get(name):
+            what = "is new" if name not in previous else ("is gone" if name not in current else "changed")
+            raise RunError(f"the data of {name} {what} since this run started ({progress_path} records it); "
+                           "a resume must see the same data: restore it, or pass --restart")
 
 
 def build_sources(strategy, config: RunConfig, runtime: Runtime):

@@ -17,20 +17,22 @@ on, ending with the same results as an uninterrupted run.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from torch.utils.data import DataLoader
 
 from clipcl.checkpoint import (
     CheckpointError,
+    DamagedCheckpoint,
     atomic_save_safetensors,
     atomic_write_json,
     fingerprint_digest,
     load_checkpoint,
+    read_verified,
     save_checkpoint,
 )
 from clipcl.config import to_dict
@@ -38,7 +40,7 @@ from clipcl.data.base import SubsetDataset
 from clipcl.data.online import a_last, anytime_accuracy_auc
 from clipcl.data.online_stream import ONLINE_PROTOCOL, Arrivals
 from clipcl.engine.batches import OnlineChunks, PlanSampler, StreamImages, collate_plan
-from clipcl.engine.context import RunContext, host_facts, run_facts, write_results
+from clipcl.engine.context import RunContext, RunError, host_facts, run_facts, write_results
 from clipcl.engine.trainer import ExperienceStats, grouped
 from clipcl.eval.evaluator import count_correct
 from clipcl.eval.metrics import retention
@@ -117,11 +119,9 @@ def load_online(context: RunContext, progress: dict) -> None:
     chunks, trainer = progress["chunks"], context.trainer
     if load_checkpoint(_model_path(context, chunks), context.strategy, context.fingerprint) != chunks:
         raise CheckpointError(f"{_model_path(context, chunks)} is not the checkpoint progress.json names")
-    with safe_open(str(_state_path(context, chunks)), framework="pt") as file:
-        metadata = file.metadata() or {}
-        if metadata.get("chunks") != str(chunks) or metadata.get("config") != fingerprint_digest(context.fingerprint):
-            raise CheckpointError(f"{_state_path(context, chunks)} is not the state progress.json names")
-        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    metadata, tensors = read_verified(_state_path(context, chunks))
+    if metadata.get("chunks") != str(chunks) or metadata.get("config") != fingerprint_digest(context.fingerprint):
+        raise CheckpointError(f"{_state_path(context, chunks)} is not the state progress.json names")
     if trainer.optimizer is not None:
         state = trainer.optimizer.state_dict()
         restored: dict[int, dict] = {}
@@ -147,6 +147,26 @@ def load_online(context: RunContext, progress: dict) -> None:
         torch.cuda.set_rng_state_all(cuda_states)
 
 
+def checkpoint_intact(context: RunContext, chunks: int) -> bool:
+    """Whether the mid-stream checkpoint after ``chunks`` chunks reads and verifies. A damaged one
+    ends the run with one line, or, with ``--resume-from-intact``, returns False: the stream starts
+    over (only the latest mid-stream checkpoint is kept, so there is no earlier one to go back to)."""
+    for path in (_model_path(context, chunks), _state_path(context, chunks)):
+        try:
+            read_verified(path)
+        except FileNotFoundError:
+            raise RunError(f"{context.directory.progress} names checkpoint {path}, which is missing; pass "
+                           "--resume-from-intact to start the stream over, or --restart") from None
+        except DamagedCheckpoint as error:
+            if not context.resume_from_intact:
+                raise DamagedCheckpoint(f"{error}; pass --resume-from-intact to start the stream over "
+                                        "(an online run keeps only its latest checkpoint), or --restart") from None
+            if context.runtime.is_main and context.show_progress:
+                print(f"{error}: starting the stream over", file=sys.stderr)
+            return False
+    return True
+
+
 # --- the stream --------------------------------------------------------------------------------------
 
 
@@ -161,12 +181,15 @@ def run_online_stream(context: RunContext, stop_after_samples: int | None) -> di
     chunks = OnlineChunks(order, train_config.batch_size, runtime.rank, runtime.world_size)
     progress = context.directory.read_progress() or {}
     resumed = progress.get("protocol") == ONLINE_PROTOCOL and progress.get("chunks", 0) > 0
+    if resumed:
+        resumed = checkpoint_intact(context, progress["chunks"])
     if not resumed:
         progress = {"protocol": ONLINE_PROTOCOL, "config_digest": fingerprint_digest(context.fingerprint),
-                    "chunks": 0, "samples": [], "accuracy": [], "periodic": [], "arrivals": [],
+                    "data": context.data, "chunks": 0, "samples": [], "accuracy": [], "periodic": [], "arrivals": [],
                     "train_seconds": 0.0, "eval_seconds": 0.0, "steps": 0, "examples": 0, "losses": [],
                     "next_eval": period, "forward_calls": 0,
-                    "heldout_zero_shot": heldout_accuracies(context)}
+                    # eval.zero_shot_row=false: nothing is measured before training
+                    "heldout_zero_shot": heldout_accuracies(context) if config.eval.zero_shot_row else None}
     else:
         arrivals.restore(progress["arrivals"])
     context.observers.run_started(str(context.directory.root), to_dict(config),
@@ -263,8 +286,10 @@ def online_results(context: RunContext, progress: dict, stats: ExperienceStats, 
     metrics = {"a_auc": anytime_accuracy_auc([n for n, _ in points], [value for _, value in points]),
                "a_last": a_last(progress["accuracy"])}
     if stream.heldout:
-        metrics.update(heldout_zero_shot=float(np.mean(heldout_before)), heldout_last=float(np.mean(heldout_after)),
-                       heldout_retention=retention(heldout_before, heldout_after))
+        metrics["heldout_last"] = float(np.mean(heldout_after))
+        if heldout_before is not None:
+            metrics.update(heldout_zero_shot=float(np.mean(heldout_before)),
+                           heldout_retention=retention(heldout_before, heldout_after))
     # Stream images per second of training (each incoming image once, whatever online_iter and replay).
     metrics["train_samples_per_second"] = (len(stream.train) / progress["train_seconds"]
                                            if stats.steps and progress["train_seconds"] > 0 else float("nan"))
@@ -274,6 +299,7 @@ def online_results(context: RunContext, progress: dict, stats: ExperienceStats, 
         "strategy": config.strategy.get("name"),
         "protocol": ONLINE_PROTOCOL,
         "config_digest": fingerprint_digest(context.fingerprint),
+        "data": context.data,
         "seed": config.seed,
         "anytime": {"samples": progress["samples"], "accuracy": progress["accuracy"], "periodic": progress["periodic"],
                     "unit": "percent", "eval_period": config.eval.eval_period},

@@ -10,8 +10,8 @@ as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
-import shutil
+import logging
+import sys
 from typing import Any
 
 import torch
@@ -20,87 +20,137 @@ import yaml
 from clipcl.checkpoint import atomic_write_text, fingerprint_digest, snapshot_state
 from clipcl.config import RunConfig, config_fingerprint, to_dict
 from clipcl.data.base import DataError
-from clipcl.engine.context import RunContext, RunDirectory, RunError, build_sources, seed_everything
+from clipcl.engine.context import (
+    RunContext,
+    RunDirectory,
+    RunError,
+    build_sources,
+    check_same_data,
+    data_fingerprints,
+    read_json_file,
+    seed_everything,
+)
 from clipcl.engine.online import run_online_stream
+from clipcl.engine.run_folder import MARKER_NAME, RunLock, previous_run, replace_outputs, write_marker
 from clipcl.engine.runtime import DistributedRuntime, Runtime, free_port, pick_device, rendezvous_environment
 from clipcl.engine.tasks import run_task_stream
+from clipcl.errors import UserError
 
 
-def _check_or_write_config(directory: RunDirectory, config: RunConfig, restart: bool) -> None:
-    fingerprint = config_fingerprint(config)
-    if directory.progress.exists() or directory.results.exists():
-        previous = directory.read_progress() or (json.loads(directory.results.read_text())
-                                                 if directory.results.exists() else {})
-        if restart:
-            for path in [directory.progress, directory.results, directory.summary,
-                         *directory.checkpoints.glob("*.safetensors")]:
-                path.unlink(missing_ok=True)
-            shutil.rmtree(directory.root / "tensorboard", ignore_errors=True)  # no curves of the old run
-        elif previous.get("config_digest") not in (None, fingerprint_digest(fingerprint)):
-            raise RunError(f"{directory.root} holds a run with another config; choose another output_dir "
-                           "or pass --restart to overwrite it")
-    directory.root.mkdir(parents=True, exist_ok=True)
+def check_previous_run(directory: RunDirectory, config: RunConfig, restart: bool) -> dict[str, Any] | None:
+    """What an earlier run left in the folder (:func:`~clipcl.engine.run_folder.previous_run`), refusing
+    one with another config unless ``restart``. Reads only: nothing is written before the run is built."""
+    previous = previous_run(directory)
+    digest = fingerprint_digest(config_fingerprint(config))
+    if previous and previous["measured"] and not restart and previous["config_digest"] != digest:
+        raise RunError(f"{directory.root} holds a run with another config; choose another output_dir "
+                       "or pass --restart to overwrite it")
+    return previous
+
+
+def prepare_folder(directory: RunDirectory, config: RunConfig, previous: dict[str, Any] | None,
+                   restart: bool) -> None:
+    """Called once the run is built and checked: replace the earlier run's outputs (``--restart``, or a
+    folder whose run never measured anything), then write the marker and config.yaml."""
+    digest = fingerprint_digest(config_fingerprint(config))
+    if previous and (restart or (not previous["measured"] and previous["config_digest"] != digest)):
+        replace_outputs(directory)
+    write_marker(directory, digest)
     atomic_write_text(directory.config, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 # --- the run --------------------------------------------------------------------------------------
 
 
-def run_experiment(config: RunConfig, *, restart: bool = False, show_progress: bool = True,
-                   stop_after_task: int | None = None, stop_after_samples: int | None = None) -> dict[str, Any]:
+def run_experiment(config: RunConfig, *, restart: bool = False, resume_from_intact: bool = False,
+                   show_progress: bool = True, stop_after_task: int | None = None,
+                   stop_after_samples: int | None = None) -> dict[str, Any]:
     """Run (or resume) ``config``; returns the results dict also written to results.json.
 
-    ``stop_after_task`` (task streams) and ``stop_after_samples`` (online streams) stop after the
-    checkpoint at that point, as an interruption would (for tests).
+    A finished run's results are returned as they are. ``restart`` replaces an earlier run in the
+    folder, once the new one is built and checked; ``resume_from_intact`` resumes from the newest
+    checkpoint that verifies when the latest is damaged. ``stop_after_task`` (task streams) and
+    ``stop_after_samples`` (online streams) stop after the checkpoint at that point, as an
+    interruption would (for tests).
     """
     config.validate()  # a field changed in place after loading fails here, before anything is built
-    kwargs = {"restart": restart, "show_progress": show_progress, "stop_after_task": stop_after_task,
-              "stop_after_samples": stop_after_samples}
-    if config.train.devices > 1:
-        return _spawn(config, **kwargs)
-    runtime = Runtime(pick_device(config.train.accelerator), config.train.precision)
-    return _run(config, runtime, **kwargs)
+    directory = RunDirectory(config.output_dir)
+    lock = RunLock(directory.root).acquire()  # held by this process until the run ends, however it ends
+    try:
+        previous = check_previous_run(directory, config, restart)
+        if previous and previous["finished"] and not restart and not resume_from_intact:
+            if show_progress:
+                print(f"{directory.root} holds this run, finished; its results are in {directory.results}",
+                      file=sys.stderr)
+            return read_json_file(directory.results)
+        kwargs = {"restart": restart, "resume_from_intact": resume_from_intact, "previous": previous,
+                  "show_progress": show_progress, "stop_after_task": stop_after_task,
+                  "stop_after_samples": stop_after_samples}
+        if config.train.devices > 1:
+            return _spawn(config, **kwargs)
+        runtime = Runtime(pick_device(config.train.accelerator), config.train.precision)
+        return _run(config, runtime, **kwargs)
+    finally:
+        # A run that failed before it wrote its marker wrote nothing: a folder made for it goes again.
+        lock.release(wrote_nothing=not (directory.root / MARKER_NAME).exists())
 
 
 def _spawn(config: RunConfig, **kwargs) -> dict[str, Any]:
     import torch.multiprocessing as mp
 
-    with rendezvous_environment(free_port()):
-        mp.spawn(_worker, args=(config, kwargs), nprocs=config.train.devices, join=True)
+    # A worker's user error (bad data, a damaged checkpoint) would reach us as a wrapped traceback;
+    # the worker sends its one line here instead, and we raise it as this process's error.
+    user_errors = mp.get_context("spawn").SimpleQueue()
+    # torch logs a warning for every sibling it terminates after one worker failed; our own line
+    # says what failed, so that noise is hidden (a worker's traceback, for a bug, still shows).
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    level = spawn_log.level
+    spawn_log.setLevel(logging.ERROR)
+    try:
+        with rendezvous_environment(free_port()):
+            mp.spawn(_worker, args=(config, kwargs, user_errors), nprocs=config.train.devices, join=True)
+    except (mp.ProcessExitedException, mp.ProcessRaisedException):
+        if not user_errors.empty():
+            raise RunError(user_errors.get()) from None
+        raise
+    finally:
+        spawn_log.setLevel(level)
     directory = RunDirectory(config.output_dir)
     if directory.results.exists():
-        return json.loads(directory.results.read_text())
+        return read_json_file(directory.results)
     return {"interrupted": True, "progress": directory.read_progress()}
 
 
-def _worker(rank: int, config: RunConfig, kwargs: dict[str, Any]) -> None:
+def _worker(rank: int, config: RunConfig, kwargs: dict[str, Any], user_errors) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads() // config.train.devices))
-    runtime = DistributedRuntime(rank, config.train.devices, pick_device(config.train.accelerator),
-                                 config.train.precision)
     try:
-        _run(config, runtime, **kwargs)
-    finally:
-        runtime.close()
+        runtime = DistributedRuntime(rank, config.train.devices, pick_device(config.train.accelerator),
+                                     config.train.precision)
+        try:
+            _run(config, runtime, **kwargs)
+        finally:
+            runtime.close()
+    except UserError as error:
+        user_errors.put(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        raise SystemExit(2) from None
 
 
-def _run(config: RunConfig, runtime: Runtime, *, restart: bool, show_progress: bool,
-         stop_after_task: int | None, stop_after_samples: int | None) -> dict[str, Any]:
+def _run(config: RunConfig, runtime: Runtime, *, restart: bool, resume_from_intact: bool,
+         previous: dict[str, Any] | None, show_progress: bool, stop_after_task: int | None,
+         stop_after_samples: int | None) -> dict[str, Any]:
     from clipcl.data.online_stream import ONLINE_PROTOCOL, build_online_stream
     from clipcl.data.streams import build_stream
     from clipcl.engine.observers import build_observers
     from clipcl.engine.trainer import Trainer
     from clipcl.eval.cache import FeatureCache, default_cache_dir
+    from clipcl.eval.retrieval import load_captioned
     from clipcl.models import build_backend
     from clipcl.strategies import build_strategy
 
     directory = RunDirectory(config.output_dir)
     online = config.stream.protocol == ONLINE_PROTOCOL
-    if runtime.is_main:
-        _check_or_write_config(directory, config, restart)
-    runtime.barrier()
-    if online and directory.results.exists() and not restart:
-        return json.loads(directory.results.read_text())  # a finished online run
-
+    # Build and check everything (model, data, the method's sources) before the folder is touched:
+    # a run that cannot start leaves an earlier run's results as they were.
     seed_everything(config.seed)
     backend = build_backend(config.model).to(runtime.device)
     stream = build_online_stream(config.stream, config.seed) if online else build_stream(config.stream, config.seed)
@@ -113,6 +163,14 @@ def _run(config: RunConfig, runtime: Runtime, *, restart: bool, show_progress: b
     cache_dir = config.eval.cache_dir if config.eval.cache_dir is not None else default_cache_dir()
     cache = FeatureCache(cache_dir or None, enabled=config.eval.feature_cache)
     built, memory = build_sources(strategy, config, runtime)
+    retrieval_sets = [] if online else [load_captioned(spec, config.eval.retrieval_images, config.stream.data_root)
+                                        for spec in config.eval.retrieval]
+    data = data_fingerprints(stream, built, retrieval_sets)
+    if previous and not restart and previous["progress"]:
+        check_same_data(previous["progress"].get("data"), data, directory.progress)
+    if runtime.is_main:
+        prepare_folder(directory, config, previous, restart)
+    runtime.barrier()
     strategy.attach(runtime, cache, built)
     observers = build_observers(config.observe, str(directory.root), is_main=runtime.is_main,
                                 show_progress=show_progress)
@@ -120,7 +178,8 @@ def _run(config: RunConfig, runtime: Runtime, *, restart: bool, show_progress: b
         config=config, runtime=runtime, directory=directory, strategy=strategy, stream=stream, cache=cache,
         trainer=Trainer(strategy, runtime, config.train, observers), observers=observers,
         fingerprint=config_fingerprint(config), reference=reference, show_progress=show_progress, memory=memory,
-        step_sources={name: source for name, source in built.items() if source.spec.per_step})
+        step_sources={name: source for name, source in built.items() if source.spec.per_step},
+        retrieval_sets=retrieval_sets, data=data, resume_from_intact=resume_from_intact)
     try:
         if online:
             results = run_online_stream(context, stop_after_samples)

@@ -18,9 +18,11 @@ from torch.utils.data import DataLoader
 
 from clipcl.checkpoint import (
     CheckpointError,
+    DamagedCheckpoint,
     atomic_write_json,
     fingerprint_digest,
     load_checkpoint,
+    read_verified,
     save_checkpoint,
 )
 from clipcl.config import to_dict
@@ -37,7 +39,7 @@ from clipcl.engine.context import (
 from clipcl.engine.trainer import ExperienceStats, grouped
 from clipcl.eval import metrics as metrics_module
 from clipcl.eval.evaluator import evaluate_row
-from clipcl.eval.retrieval import evaluate_retrieval, load_captioned
+from clipcl.eval.retrieval import evaluate_retrieval
 
 
 def task_batches(context: RunContext, task) -> GlobalBatchSampler:
@@ -104,17 +106,49 @@ def retrieval_row(strategy, sets, batch_size: int) -> dict[str, dict[str, float]
     return {captioned.name: evaluate_retrieval(strategy, captioned, batch_size) for captioned in sets}
 
 
+PER_TASK_PROGRESS = ("rows", "heldout_rows", "retrieval_rows", "train_seconds", "eval_seconds", "train_steps",
+                     "train_examples", "losses")
+"""The progress lists with one entry per finished task."""
+
+
+def last_intact_task(context: RunContext, progress: dict[str, Any], completed: int) -> int:
+    """The task to resume after: ``completed`` when its checkpoint verifies. A missing or damaged one
+    ends the run with one line naming it, or, with ``--resume-from-intact``, the run goes back to the
+    newest earlier checkpoint that verifies (-1: the start) and forgets the later tasks' rows in
+    ``progress``; those tasks train again, from the same seeds, so the numbers come out the same."""
+    directory = context.directory
+    for task_index in range(completed, -1, -1):
+        path = directory.checkpoint(task_index)
+        try:
+            read_verified(path)
+            break
+        except (FileNotFoundError, DamagedCheckpoint) as error:
+            problem = f"checkpoint {path} is missing" if isinstance(error, FileNotFoundError) else str(error)
+            if not context.resume_from_intact:
+                raise RunError(f"{problem}; pass --resume-from-intact to go back to the last intact checkpoint "
+                               "(later tasks train again), or --restart") from None
+            if context.runtime.is_main and context.show_progress:
+                print(f"{problem}: going back one task", file=sys.stderr)
+    else:
+        task_index = -1
+    if task_index != completed:
+        for key in PER_TASK_PROGRESS:
+            if key in progress:
+                progress[key] = progress[key][: task_index + 1]
+        progress["completed_tasks"] = task_index
+    return task_index
+
+
 def run_task_stream(context: RunContext, stop_after_task: int | None) -> dict[str, Any]:
     config, runtime, strategy, stream = context.config, context.runtime, context.strategy, context.stream
     directory, cache, show_progress = context.directory, context.cache, context.show_progress
     progress = directory.read_progress() or {}
     completed = progress.get("completed_tasks", -1)
     if completed >= 0:
+        completed = last_intact_task(context, progress, completed)
+    if completed >= 0:
         strategy.restore_structure(stream.tasks[: completed + 1])
-        try:
-            loaded = load_checkpoint(directory.checkpoint(completed), strategy, context.fingerprint)
-        except FileNotFoundError:
-            raise RunError(f"{directory.progress} says task {completed} finished but its checkpoint is missing")
+        loaded = load_checkpoint(directory.checkpoint(completed), strategy, context.fingerprint)
         if loaded != completed:
             raise CheckpointError(f"checkpoint {directory.checkpoint(completed)} is from task {loaded}")
         replan_memory(context, completed)
@@ -128,16 +162,20 @@ def run_task_stream(context: RunContext, stop_after_task: int | None) -> dict[st
     images = stream_images(context)
 
     batch_size = config.eval.batch_size
-    retrieval_sets = [load_captioned(spec, config.eval.retrieval_images, config.stream.data_root)
-                      for spec in config.eval.retrieval]
+    retrieval_sets = context.retrieval_sets
     if "zero_shot_row" not in progress:
-        row, heldout, seconds = evaluate_row(strategy, stream, -1, runtime, batch_size, cache, show_progress)
-        retrieval = retrieval_row(strategy, retrieval_sets, batch_size)
-        progress.update(config_digest=fingerprint_digest(context.fingerprint), completed_tasks=-1, zero_shot_row=row,
+        if config.eval.zero_shot_row:
+            row, heldout, seconds = evaluate_row(strategy, stream, -1, runtime, batch_size, cache, show_progress)
+            retrieval = retrieval_row(strategy, retrieval_sets, batch_size)
+        else:  # eval.zero_shot_row=false: nothing is measured before training; metrics that need it are left out
+            row, heldout, seconds, retrieval = None, None, None, {}
+        progress.update(config_digest=fingerprint_digest(context.fingerprint), data=context.data,
+                        completed_tasks=-1, zero_shot_row=row,
                         zero_shot_heldout=heldout, zero_shot_eval_seconds=seconds, rows=[], heldout_rows=[],
                         train_seconds=[], eval_seconds=[], train_steps=[], train_examples=[], losses=[],
                         zero_shot_retrieval=retrieval, retrieval_rows=[])
-        context.observers.evaluated("row", 0, {f"task/{task.name}": value for task, value in zip(stream.tasks, row)})
+        if row is not None:
+            context.observers.evaluated("row", 0, {f"task/{task.name}": value for task, value in zip(stream.tasks, row)})
         if runtime.is_main:
             atomic_write_json(directory.progress, progress)
 
@@ -192,15 +230,18 @@ def build_results(context: RunContext, progress: dict[str, Any]) -> dict[str, An
     matrix = progress["rows"]
     metrics = metrics_module.all_metrics(matrix, task_sizes, class_incremental=stream.protocol == "class_incremental")
     heldout_names = [held.name for held in stream.heldout]
+    zero_shot_heldout = progress["zero_shot_heldout"]  # None with eval.zero_shot_row=false
     if heldout_names:
         final = progress["heldout_rows"][-1]
-        metrics["heldout_zero_shot"] = float(np.mean(progress["zero_shot_heldout"]))
         metrics["heldout_last"] = float(np.mean(final))
-        metrics["heldout_retention"] = metrics_module.retention(progress["zero_shot_heldout"], final)
-    metrics["zero_shot_avg"] = float(np.mean(progress["zero_shot_row"]))
+        if zero_shot_heldout is not None:
+            metrics["heldout_zero_shot"] = float(np.mean(zero_shot_heldout))
+            metrics["heldout_retention"] = metrics_module.retention(zero_shot_heldout, final)
+    if progress["zero_shot_row"] is not None:
+        metrics["zero_shot_avg"] = float(np.mean(progress["zero_shot_row"]))
     if stream.protocol == "class_incremental":
         # The "Don't Stop Learning" settings are class-incremental (one or several phases of one dataset).
-        metrics.update(metrics_module.dont_stop_learning(matrix, task_sizes, progress["zero_shot_heldout"],
+        metrics.update(metrics_module.dont_stop_learning(matrix, task_sizes, zero_shot_heldout,
                                                          progress["heldout_rows"][-1]))
     retrieval_before = progress.get("zero_shot_retrieval", {})
     retrieval_rows = progress.get("retrieval_rows", [])
@@ -212,6 +253,8 @@ def build_results(context: RunContext, progress: dict[str, Any]) -> dict[str, An
         "strategy": config.strategy.get("name"),
         "protocol": stream.protocol,
         "seed": config.seed,
+        "config_digest": fingerprint_digest(context.fingerprint),
+        "data": context.data,
         "tasks": task_names,
         "task_test_sizes": task_sizes,
         "task_train_sizes": [len(task.train) for task in stream.tasks],

@@ -20,6 +20,11 @@ import torch
 
 from clipcl.config import TrainConfig
 from clipcl.engine.runtime import Runtime
+from clipcl.errors import UserError
+
+
+class TrainingDiverged(UserError, FloatingPointError):
+    """The loss became NaN or infinite."""
 
 SCHEDULES = ("cosine", "constant")
 
@@ -109,7 +114,11 @@ class Trainer:
             outputs = self.strategy(batch, experience)
         loss = outputs["loss"]
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {self.global_step} of {experience.name}")
+            # A user's setting (a learning rate too high, fp16 overflow), not a bug: one line, and the
+            # last checkpoint stays in force.
+            raise TrainingDiverged(f"the training loss became {loss.item()} at step {self.global_step} of "
+                                   f"{experience.name}; lower train.lr (now {self.config.lr:g}) or use "
+                                   "train.precision=fp32")
         return loss, outputs
 
     def train_groups(self, groups: Iterable[list[dict]] | Iterator[list[dict]], experience, stats: ExperienceStats,

@@ -103,14 +103,15 @@ def updated_task_accuracies(matrix, task_sizes: Sequence[int] | None = None) -> 
     return [float(np.average(array[t, : t + 1], weights=weights[: t + 1])) for t in range(size)]
 
 
-def dont_stop_learning(matrix, task_sizes: Sequence[int] | None, heldout_zero_shot: Sequence[float],
+def dont_stop_learning(matrix, task_sizes: Sequence[int] | None, heldout_zero_shot: Sequence[float] | None,
                        heldout_last: Sequence[float]) -> dict[str, float]:
     """The metrics of Ding et al. (2022), from the accuracy matrix and the held-out accuracies.
 
     - ``ut_acc``: mean over phases of UT_t (:func:`updated_task_accuracies`); with one phase
       (one-session) it is simply the accuracy after training. ``ut_last``: UT after the last phase.
     - ``zs_acc``: mean accuracy on the held-out datasets (never trained on) after the last phase;
-      ``zs_acc_zero_shot``: the same before any training.
+      ``zs_acc_zero_shot``: the same before any training (left out when ``heldout_zero_shot`` is None:
+      the run did not measure before training).
     - ``a_acc``: (ut_acc + zs_acc) / 2.
     - ``bwt`` is :func:`backward_transfer` of the matrix (NaN with one phase).
     Without held-out datasets there is no ZS-Acc, and only the UT entries are returned.
@@ -120,7 +121,9 @@ def dont_stop_learning(matrix, task_sizes: Sequence[int] | None, heldout_zero_sh
     results = {"ut_acc": ut_acc, "ut_last": per_phase[-1]}
     if len(heldout_last):
         final = float(np.mean(heldout_last))
-        results.update(zs_acc=final, zs_acc_zero_shot=float(np.mean(heldout_zero_shot)), a_acc=(ut_acc + final) / 2.0)
+        results.update(zs_acc=final, a_acc=(ut_acc + final) / 2.0)
+        if heldout_zero_shot is not None:
+            results["zs_acc_zero_shot"] = float(np.mean(heldout_zero_shot))
     return results
 
 
