@@ -33,6 +33,7 @@ from clipcl.adapt.lora import LORA, LoRAConfig, LoRAConv1x1, LoRALinear, LoRAMul
 from clipcl.adapt.moe import MoEAdapter, Router, active_router, inject_moe_adapters
 from clipcl.adapt.prompts import PromptConfig, PromptTokens, inject_prompts
 from clipcl.adapt.tokens import ExpandableEmbedding, TokenGrowthConfig, grow_token_embedding
+from clipcl.config.schema import ConfigError
 
 NAMED_KINDS = {"lora": LORA, "adapter": ADAPTER}
 """The kinds :func:`inject` puts in by module name."""
@@ -48,7 +49,7 @@ def inject(model: nn.Module, kind: str, targets: str | Sequence[str], **options:
     candidate modules) for a bad kind, option, or target; the model is then left unchanged.
     """
     if kind not in NAMED_KINDS:
-        raise ValueError(f"inject: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise ConfigError(f"inject: kind must be one of {', '.join(KINDS)}, got {kind!r}")
     spec = NAMED_KINDS[kind]
     return inject_by_name(model, spec, targets, settings_from_options(spec, options))
 
@@ -56,7 +57,7 @@ def inject(model: nn.Module, kind: str, targets: str | Sequence[str], **options:
 def default_targets(backend, kind: str = "lora", towers: Sequence[str] = ("image", "text")) -> list[str]:
     """The backend's own default patterns for ``kind`` in ``towers`` (``backend.adaptation_targets``)."""
     if kind not in NAMED_KINDS:
-        raise ValueError(f"default_targets: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise ConfigError(f"default_targets: kind must be one of {', '.join(KINDS)}, got {kind!r}")
     return backend.adaptation_targets(kind, towers)
 
 

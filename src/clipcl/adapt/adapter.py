@@ -20,13 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipcl.adapt.inject import AdaptationWrapper, add_to_output, first_input, first_parameter, freeze_base
+from clipcl.config.schema import ConfigError
 from clipcl.models.base import Site
 
 
 def _check_widths(who: str, **widths: int | None) -> None:
     for label, value in widths.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{who} {label} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{who} {label} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,9 @@ class AdapterConfig:
         for key in ("bottleneck", "in_features", "out_features"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"inject: {key} must be a positive integer, got {value!r}")
+                raise ConfigError(f"inject: {key} must be a positive integer, got {value!r}")
         if not 0.0 <= float(self.dropout) <= 1.0:
-            raise ValueError(f"inject: dropout must be between 0 and 1, got {self.dropout!r}")
+            raise ConfigError(f"inject: dropout must be between 0 and 1, got {self.dropout!r}")
 
 
 class Adapter(nn.Module):

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from clipcl.config.schema import ConfigError
 from clipcl.models import TowerView
 from clipcl.models.base import Site
 
@@ -159,7 +160,7 @@ def settings_from_options(kind: WrapperKind, options: Mapping[str, Any]) -> Any:
     known = [field.name for field in fields(kind.config)]
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ValueError(f"inject: unknown option(s) {', '.join(unknown)} for kind {kind.name!r}; "
+        raise ConfigError(f"inject: unknown option(s) {', '.join(unknown)} for kind {kind.name!r}; "
                          f"known: {', '.join(known)}")
     return kind.config(**options)  # the config checks its values, before any module is touched
 
@@ -186,22 +187,22 @@ def inject_by_name(model: nn.Module, kind: WrapperKind, targets: str | Sequence[
     """
     patterns = [targets] if isinstance(targets, str) else list(targets)
     if not patterns or not all(isinstance(pattern, str) and pattern for pattern in patterns):
-        raise ValueError(f"inject: targets must be non-empty name patterns, got {targets!r}")
+        raise ConfigError(f"inject: targets must be non-empty name patterns, got {targets!r}")
     every = list(walk(model))
     matched = [site for site in every if any(fnmatch.fnmatchcase(site.name, p) for p in patterns)]
     if not matched:
-        raise ValueError(f"inject: no module of {type(model).__name__} matches {patterns}; "
+        raise ConfigError(f"inject: no module of {type(model).__name__} matches {patterns}; "
                          f"candidates for {kind.name}: {_candidates(every, kind.is_candidate)}")
     for site in matched:
         problem = _common_problem(site) or kind.problem(site, settings)
         if problem is not None:
-            raise ValueError(f"inject: {problem} (candidates for {kind.name}: "
+            raise ConfigError(f"inject: {problem} (candidates for {kind.name}: "
                              f"{_candidates(every, kind.is_candidate)})")
     names = [site.name for site in matched]
     for name in names:
         inner = [other for other in names if other.startswith(name + ".")]
         if inner:
-            raise ValueError(f"inject: targets match both {name} and {inner[0]} inside it; make the patterns "
+            raise ConfigError(f"inject: targets match both {name} and {inner[0]} inside it; make the patterns "
                              "select one of them")
     # Build every wrapper first (this draws the new parameters, in model order), then put them in.
     wrappers = [(site, kind.wrap(site.module, settings)) for site in matched]

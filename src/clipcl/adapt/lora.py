@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipcl.adapt.inject import AdaptationWrapper, freeze_base
+from clipcl.config.schema import ConfigError
 from clipcl.models.base import Site
 
 
@@ -57,16 +58,16 @@ class LoRAConfig:
         _check_rank(self.rank, self.alpha)
         projections = self.projections
         if not isinstance(projections, str) or not projections or set(projections) - set("qkvo"):
-            raise ValueError(f"inject: projections must be letters of 'qkvo', got {projections!r}")
+            raise ConfigError(f"inject: projections must be letters of 'qkvo', got {projections!r}")
         if not 0.0 <= float(self.dropout) <= 1.0:
-            raise ValueError(f"inject: dropout must be between 0 and 1, got {self.dropout!r}")
+            raise ConfigError(f"inject: dropout must be between 0 and 1, got {self.dropout!r}")
 
 
 def _check_rank(rank: int, alpha: float) -> None:
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+        raise ConfigError(f"LoRA rank must be a positive integer, got {rank!r}")
     if not math.isfinite(float(alpha)) or float(alpha) <= 0:
-        raise ValueError(f"LoRA alpha must be a positive number, got {alpha!r}")
+        raise ConfigError(f"LoRA alpha must be a positive number, got {alpha!r}")
 
 
 def _lora_factors(rank: int, in_features: int, out_features: int, like: torch.Tensor
@@ -130,7 +131,7 @@ class LoRAConv1x1(AdaptationWrapper):
         super().__init__()
         problem = _conv1x1_problem(base)
         if problem is not None:
-            raise ValueError(f"LoRAConv1x1: the convolution {problem}")
+            raise ConfigError(f"LoRAConv1x1: the convolution {problem}")
         _check_rank(rank, alpha)
         self.base = base
         freeze_base(base)
@@ -174,7 +175,7 @@ class LoRAMultiheadAttention(AdaptationWrapper):
         _check_rank(rank, alpha)
         chosen = "".join(dict.fromkeys(projections))
         if not chosen or set(chosen) - set("qkvo"):
-            raise ValueError(f"LoRA projections must be letters of 'qkvo', got {projections!r}")
+            raise ConfigError(f"LoRA projections must be letters of 'qkvo', got {projections!r}")
         self.base = base
         freeze_base(base)
         self.rank = rank

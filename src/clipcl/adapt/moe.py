@@ -42,6 +42,7 @@ from clipcl.adapt.inject import (
     first_parameter,
     freeze_base,
 )
+from clipcl.config.schema import ConfigError
 
 LAYOUTS = ("bld", "lbd", "bchw")
 """Token layouts of a block's input: batch-first sequence, sequence-first sequence, or feature map."""
@@ -75,9 +76,9 @@ class MoEAdapter(AdaptationWrapper):
                  input_from: nn.Module | None = None) -> None:
         super().__init__()
         if layout not in LAYOUTS:
-            raise ValueError(f"MoEAdapter layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+            raise ConfigError(f"MoEAdapter layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         if not 1 <= top_k <= num_experts:
-            raise ValueError(f"MoE adapters need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}")
+            raise ConfigError(f"MoE adapters need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}")
         self.base = base
         freeze_base(base)
         like = first_parameter(base)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from clipcl.adapt.inject import AdaptationWrapper, attach, first_parameter, freeze_base
+from clipcl.config.schema import ConfigError
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,9 @@ class PromptConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.count, int) or isinstance(self.count, bool) or self.count < 0:
-            raise ValueError(f"prompts: count must be a non-negative integer, got {self.count!r}")
+            raise ConfigError(f"prompts: count must be a non-negative integer, got {self.count!r}")
         if not self.init_std >= 0:
-            raise ValueError(f"prompts: init_std must be >= 0, got {self.init_std!r}")
+            raise ConfigError(f"prompts: init_std must be >= 0, got {self.init_std!r}")
 
 
 class PromptTokens(AdaptationWrapper):
@@ -86,11 +87,11 @@ def inject_prompts(backend, config: PromptConfig, tower: str = "image") -> Promp
     """Put :class:`PromptTokens` where ``backend`` declares its ``tower``'s token sequence; returns it."""
     sites = backend.adaptation_sites("prompts", (tower,))
     if len(sites) != 1:
-        raise ValueError(f"prompts: {type(backend).__name__} declares {len(sites)} prompt sites for the "
+        raise ConfigError(f"prompts: {type(backend).__name__} declares {len(sites)} prompt sites for the "
                          f"{tower} tower; expected one")
     site = sites[0]
     if isinstance(site.module, PromptTokens):
-        raise ValueError(f"prompts: {site.name} already has prompt tokens")  # noqa: TRY004 (a state, not a type error)
+        raise ConfigError(f"prompts: {site.name} already has prompt tokens")
     wrapper = PromptTokens(site.module, site.width, config, keep_first=site.keep_first, layout=site.layout)
     attach(site, wrapper)
     return wrapper

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipcl.adapt.inject import AdaptationWrapper, attach
+from clipcl.config.schema import ConfigError
 from clipcl.models.base import Site
 
 INIT_RULES = ("mean", "normal", "copy")
@@ -39,13 +40,13 @@ class TokenGrowthConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.count, int) or isinstance(self.count, bool) or self.count < 1:
-            raise ValueError(f"tokens: count must be a positive integer, got {self.count!r}")
+            raise ConfigError(f"tokens: count must be a positive integer, got {self.count!r}")
         if self.init not in INIT_RULES:
-            raise ValueError(f"tokens: init must be one of {', '.join(INIT_RULES)}, got {self.init!r}")
+            raise ConfigError(f"tokens: init must be one of {', '.join(INIT_RULES)}, got {self.init!r}")
         if (self.init == "copy") != (self.source_ids is not None):
-            raise ValueError("tokens: source_ids go with init='copy', and only with it")
+            raise ConfigError("tokens: source_ids go with init='copy', and only with it")
         if self.source_ids is not None and len(self.source_ids) != self.count:
-            raise ValueError(f"tokens: {len(self.source_ids)} source_ids for {self.count} new rows")
+            raise ConfigError(f"tokens: {len(self.source_ids)} source_ids for {self.count} new rows")
 
 
 class ExpandableEmbedding(AdaptationWrapper):
@@ -115,7 +116,7 @@ def initial_rows(table: torch.Tensor, config: TokenGrowthConfig,
         return table.mean(dim=0) + draws.to(table.device) * table.std(dim=0)
     ids = torch.tensor(config.source_ids, dtype=torch.long, device=table.device)
     if int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]:
-        raise ValueError(f"tokens: source_ids must be existing ids (below {table.shape[0]})")
+        raise ConfigError(f"tokens: source_ids must be existing ids (below {table.shape[0]})")
     return table[ids].clone()
 
 

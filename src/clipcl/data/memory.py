@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from clipcl.config.schema import ConfigError
+
 Reference = tuple[int, int]  # (experience number, index into its training set)
 
 KINDS = ("reservoir", "class_balanced", "budget_equal", "budget_exponential")
@@ -40,9 +42,9 @@ class ReplaySpec:
 
     def __post_init__(self) -> None:
         if self.capacity < 0:
-            raise ValueError(f"replay memory capacity must be >= 0, got {self.capacity}")
+            raise ConfigError(f"replay memory capacity must be >= 0, got {self.capacity}")
         if self.kind not in KINDS:
-            raise ValueError(f"replay memory kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+            raise ConfigError(f"replay memory kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
 
 
 class ReservoirMemory:

@@ -83,6 +83,8 @@ from numbers import Integral, Real
 
 import numpy as np
 
+from clipcl.config.schema import ConfigError
+
 # Guards floor(ratio * count) against float noise such as 0.29 * 100 = 28.999999999999996.
 _FLOOR_SLACK = 1e-9
 
@@ -114,13 +116,13 @@ class SiBlurryConfig:
     def validate(self) -> None:
         """Raise ValueError, with a one-line message, if a field is out of range."""
         if not _is_int(self.num_tasks) or self.num_tasks < 1:
-            raise ValueError(f"num_tasks must be an integer >= 1, got {self.num_tasks!r}")
+            raise ConfigError(f"num_tasks must be an integer >= 1, got {self.num_tasks!r}")
         for name in ("disjoint_class_ratio", "blurry_sample_ratio"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+                raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
         if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
 
 
 def _frozen_int_array(values) -> np.ndarray:

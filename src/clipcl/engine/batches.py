@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from clipcl.config.schema import ConfigError
 from clipcl.data.memory import ReservoirMemory
 
 Item = tuple[int, int, int, int, int]  # (experience, index, augmentation seed, draw, part)
@@ -37,7 +38,7 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     def __init__(self, size: int, batch_size: int, epochs: int, seed: int, rank: int, world_size: int,
                  limit: int | None = None):
         if batch_size % world_size:
-            raise ValueError(f"train.batch_size ({batch_size}) must be divisible by train.devices ({world_size})")
+            raise ConfigError(f"train.batch_size ({batch_size}) must be divisible by train.devices ({world_size})")
         self.size, self.batch_size, self.epochs = size, batch_size, epochs
         self.seed, self.rank, self.world_size = seed, rank, world_size
         # Drop the ragged last batch so every step has the same size on every process; a task

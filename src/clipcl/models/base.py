@@ -30,6 +30,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from clipcl.config.schema import ConfigError
+
 TOWERS = ("image", "text")
 
 
@@ -206,15 +208,15 @@ class Backend(nn.Module):
         table = type(self).ADAPTATION_TARGETS
         if kind not in table:
             known = ", ".join(table) or "none"
-            raise ValueError(f"{type(self).__name__} has no default targets for {kind!r}; known: {known}")
+            raise ConfigError(f"{type(self).__name__} has no default targets for {kind!r}; known: {known}")
         if isinstance(towers, str) or not towers or any(tower not in table[kind] for tower in towers):
-            raise ValueError(f"adaptation targets: towers must be a list of 'image'/'text', got {towers!r}")
+            raise ConfigError(f"adaptation targets: towers must be a list of 'image'/'text', got {towers!r}")
         return [pattern for tower in towers for pattern in table[kind][tower]]
 
     def adaptation_sites(self, kind: str, towers: Sequence[str] = TOWERS) -> list[Site]:
         """The places this backend declares for ``kind`` (``moe``: beside each block; ``prompts``:
         where the image tower's token sequence can grow) in ``towers``, input side first."""
-        raise ValueError(f"{type(self).__name__} declares no sites for {kind!r}")
+        raise ConfigError(f"{type(self).__name__} declares no sites for {kind!r}")
 
     def module_names(self) -> dict[int, str]:
         """``id(module) -> dotted name`` of every sub-module (the first name of a shared one)."""

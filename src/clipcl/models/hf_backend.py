@@ -216,7 +216,7 @@ class HFClipBackend(Backend):
         if kind == "prompts" and tuple(towers) == ("image",):
             vision = self.model.vision_model
             if not hasattr(vision, "pre_layrnorm"):
-                raise ValueError(f"prompts: the {self.model_type} image tower has no pre-encoder norm with a "
+                raise ConfigError(f"prompts: the {self.model_type} image tower has no pre-encoder norm with a "
                                  "class token in front (CLIP has; SigLIP pools with an attention head)")
             # CLIP's vision tower: embeddings (class token first, positions added) -> pre_layrnorm -> encoder.
             return [Site("image", "model.vision_model.pre_layrnorm", vision, "pre_layrnorm",
@@ -229,14 +229,14 @@ class HFClipBackend(Backend):
         for tower in towers:
             for layer in self.image_blocks() if tower == "image" else self.text_blocks():
                 if not (hasattr(layer, "mlp") and hasattr(layer, "layer_norm2")):
-                    raise ValueError(f"moe_adapters: the {tower} tower's {type(layer).__name__} blocks are not "
+                    raise ConfigError(f"moe_adapters: the {tower} tower's {type(layer).__name__} blocks are not "
                                      "supported (supported: CLIP and SigLIP encoder layers)")
                 # Beside the MLP, reading the residual stream before the MLP's norm (layer_norm2).
                 width = next(m for m in layer.mlp.modules() if isinstance(m, nn.Linear)).in_features
                 sites.append(Site(tower, f"{names[id(layer)]}.mlp", layer, "mlp", width=width, layout="bld",
                                   input_from=layer.layer_norm2))
         if not sites:
-            raise ValueError(f"moe_adapters: no block of the {'/'.join(towers)} tower(s) can take a mixture")
+            raise ConfigError(f"moe_adapters: no block of the {'/'.join(towers)} tower(s) can take a mixture")
         return sites
 
     def token_embedding_site(self) -> Site:

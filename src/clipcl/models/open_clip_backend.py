@@ -266,7 +266,7 @@ class OpenClipBackend(Backend):
         if kind == "prompts" and tuple(towers) == ("image",):
             visual = self.model.visual
             if not (hasattr(visual, "ln_pre") and hasattr(visual, "class_embedding")):
-                raise ValueError(f"prompts: the open_clip image tower {type(visual).__name__} has no token "
+                raise ConfigError(f"prompts: the open_clip image tower {type(visual).__name__} has no token "
                                  "sequence with a class token (a ViT)")
             # ln_pre is the first module that sees the whole sequence (class token first, positions added).
             return [Site("image", "model.visual.ln_pre", visual, "ln_pre", width=int(visual.class_embedding.shape[-1]),
@@ -289,17 +289,17 @@ class OpenClipBackend(Backend):
                 elif is_bert_layer(block):  # CustomTextCLIP with a transformers text tower
                     sites.append(whole_layer_site(tower, block, names, self))
                 else:
-                    raise ValueError(f"moe_adapters: the {tower} tower's {type(block).__name__} blocks are not "
+                    raise ConfigError(f"moe_adapters: the {tower} tower's {type(block).__name__} blocks are not "
                                      "supported (supported: open_clip transformer blocks, BERT-like layers)")
         if not sites:
-            raise ValueError(f"moe_adapters: no block of the {'/'.join(towers)} tower(s) can take a mixture")
+            raise ConfigError(f"moe_adapters: no block of the {'/'.join(towers)} tower(s) can take a mixture")
         return sites
 
     def token_embedding_site(self) -> Site:
         text = getattr(self.model, "text", None)
         owner = self.model if text is None else text
         if not hasattr(owner, "token_embedding"):
-            raise ValueError(f"open_clip text tower {type(owner).__name__} has no token_embedding table")
+            raise ConfigError(f"open_clip text tower {type(owner).__name__} has no token_embedding table")
         return Site("text", "model.token_embedding" if text is None else "model.text.token_embedding", owner,
                     "token_embedding")
 

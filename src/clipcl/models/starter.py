@@ -265,7 +265,7 @@ class StarterBackend(Backend):
                         sites.append(whole_layer_site(tower, block, names, self, width=arguments.output_filters,
                                                       layout="bchw"))
                 else:
-                    raise ValueError(f"moe_adapters: the {tower} tower's {type(block).__name__} blocks are not "
+                    raise ConfigError(f"moe_adapters: the {tower} tower's {type(block).__name__} blocks are not "
                                      "supported (supported: BERT layers, EfficientNet MBConv blocks)")
         return sites
 

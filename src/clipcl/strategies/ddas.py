@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clipcl.data.base import DataError
+
 ZERO_SHOT = -1
 """The route of an image sent to the frozen zero-shot model."""
 
@@ -44,7 +46,7 @@ def fit_autoencoder(autoencoder: FeatureAutoencoder, features: torch.Tensor, ste
     """Train on ``features`` with Adam (seeded mini-batches) through ``runtime.fit``, which owns the
     optimizer and the gradient average over processes; returns the first and last batch losses."""
     if len(features) == 0:
-        raise ValueError("DDAS: no features to train an autoencoder on")
+        raise DataError("DDAS: no features to train an autoencoder on")
     generator = torch.Generator().manual_seed(seed)
 
     def loss_of_step(step: int) -> torch.Tensor:

@@ -77,7 +77,7 @@ def select_parameters(backend, train: str, train_logit_scale: bool) -> dict[str,
         missing = [prefix for prefix in prefixes if not any(name.startswith(prefix) for name in named)]
         if missing:
             examples = ", ".join(sorted({name.split(".")[0] for name in named}))
-            raise ValueError(f"strategy.train: no parameter starts with {missing[0]!r}; top-level names: {examples}")
+            raise ConfigError(f"strategy.train: no parameter starts with {missing[0]!r}; top-level names: {examples}")
     scale_id = id(backend.logit_scale)
     chosen = {name: p for name, p in chosen.items() if id(p) != scale_id}
     if train_logit_scale:

@@ -109,7 +109,7 @@ def random_token_texts(backend, count: int, length: int, generator: torch.Genera
     context = int(backend.context_length)
     needed = length + (sot is not None) + (eot is not None)
     if needed > context:
-        raise ValueError(f"{length} random tokens plus start/end need {needed} positions; the text tower "
+        raise ConfigError(f"{length} random tokens plus start/end need {needed} positions; the text tower "
                          f"takes {context}")
     vocabulary = int(backend.vocab_size)
     excluded = sorted(identifier for identifier in backend.special_token_ids if 0 <= identifier < vocabulary)
