@@ -29,8 +29,9 @@ from pathlib import Path
 # Keys whose values are wall-clock measurements, dates, versions or locations: they differ between
 # any two runs and say nothing about the numbers of the method.
 # ``config_digest`` is a hash of the whole config, which changes whenever the schema gains a field.
+# ``data`` holds the datasets' content fingerprints, which change whenever their definition does.
 VOLATILE = {"timing", "created", "versions", "host", "config", "output_dir", "train_seconds", "eval_seconds",
-            "seconds", "train_samples_per_second", "images_per_second", "name", "config_digest"}
+            "seconds", "train_samples_per_second", "images_per_second", "name", "config_digest", "data"}
 
 SUITES = ("demo", "dont_stop_learning", "online_lifelong", "moe_adapters")
 

@@ -9,7 +9,9 @@ Preprocessing is applied later by the stream (it belongs to the model, not the d
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -42,9 +44,18 @@ class ClassificationDataset(Dataset):
         raise NotImplementedError
 
     def fingerprint(self) -> str:
-        """A short string that changes when the dataset's content would change (cache keys)."""
+        """A short string that changes when the dataset's content changes: its pixels (or, for large
+        file trees, each file's relative path and size plus the bytes of a fixed sample of files) and
+        its labels. It does not depend on where the data sits, so a run folder moved to another
+        machine with the same data resumes. Feature-cache keys and resume checks use it."""
         digest = hashlib.sha256(np.ascontiguousarray(self.labels).tobytes()).hexdigest()[:16]
         return f"{self.name}/{self.split}/n={len(self)}/labels={digest}"
+
+    def local_stamp(self) -> str:
+        """What only this machine can see: for file-backed data, a digest of every file's mtime, size
+        and inode, so an edited file outside the fingerprint's content sample is still a cache miss.
+        Feature-cache keys add it; resume checks do not (it changes when data is copied)."""
+        return ""
 
     def check_labels(self) -> None:
         """Fail with one line when labels and class names disagree."""
@@ -54,6 +65,41 @@ class ClassificationDataset(Dataset):
                 f"{self.name}/{self.split}: labels span {int(labels.min())}..{int(labels.max())} but "
                 f"{len(self.classnames)} class names were given"
             )
+
+
+CONTENT_SAMPLE_FILES = 1024
+"""Files whose bytes a file-tree fingerprint hashes: all of them up to this many, else an evenly spread
+fixed sample of this many (a million-image tree then costs a stat per file and 1,024 reads)."""
+
+
+def files_fingerprint(paths: Sequence[Path], root: Path | None = None) -> str:
+    """A digest of a list of image files that follows their content: every file's path (relative to
+    ``root``, so the digest does not depend on where the tree sits) and size, and the sha256 of the
+    bytes of every file of :data:`CONTENT_SAMPLE_FILES` evenly spread ones. Swapping two folders'
+    files under the same names changes it."""
+    digest = hashlib.sha256()
+    for path in paths:
+        name = path.relative_to(root) if root is not None and path.is_relative_to(root) else Path(path.name)
+        digest.update(f"{name.as_posix()}|{path.stat().st_size}\n".encode())
+    count = len(paths)
+    sample = range(count) if count <= CONTENT_SAMPLE_FILES else np.linspace(
+        0, count - 1, CONTENT_SAMPLE_FILES).round().astype(np.int64).tolist()
+    for index in sample:
+        content = hashlib.sha256()
+        with open(paths[index], "rb") as file:
+            for chunk in iter(lambda file=file: file.read(1 << 20), b""):
+                content.update(chunk)
+        digest.update(content.digest())
+    return digest.hexdigest()[:16]
+
+
+def files_stamp(paths: Sequence[Path]) -> str:
+    """A digest of every file's mtime, size and inode (see :meth:`ClassificationDataset.local_stamp`)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        status = os.stat(path)
+        digest.update(f"{status.st_mtime_ns}|{status.st_size}|{status.st_ino}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 class ArrayImageDataset(ClassificationDataset):
@@ -119,3 +165,6 @@ class SubsetDataset(ClassificationDataset):
     def fingerprint(self) -> str:
         digest = hashlib.sha256(self.indices.tobytes()).hexdigest()[:16]
         return f"{self.base.fingerprint()}/subset={digest}"
+
+    def local_stamp(self) -> str:
+        return self.base.local_stamp()

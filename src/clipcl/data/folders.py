@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from clipcl.data.base import ClassificationDataset, DataError
+from clipcl.data.base import ClassificationDataset, DataError, files_fingerprint, files_stamp
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a photo of the {}."]
@@ -89,6 +89,7 @@ class ImageFolderDataset(ClassificationDataset):
             chosen = train if split == "train" else test
             paths = [paths[index] for index in chosen]
             all_labels = all_labels[chosen]
+        self.root = top
         self.paths = paths
         self._labels = all_labels
 
@@ -103,8 +104,14 @@ class ImageFolderDataset(ClassificationDataset):
         return open_image(self.paths[index]), int(self._labels[index])
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256("\n".join(str(path) for path in self.paths).encode()).hexdigest()[:16]
-        return f"{super().fingerprint()}/files={digest}"
+        # Not the name: it holds the tree's absolute path, and a moved tree is the same data.
+        labels = hashlib.sha256(np.ascontiguousarray(self._labels).tobytes()).hexdigest()[:16]
+        classes = hashlib.sha256("\n".join(self.classnames).encode()).hexdigest()[:16]
+        return (f"imagefolder/{self.split}/n={len(self)}/labels={labels}/classes={classes}/"
+                f"files={files_fingerprint(self.paths, self.root)}")
+
+    def local_stamp(self) -> str:
+        return files_stamp(self.paths)
 
 
 class CaptionDataset:

@@ -51,6 +51,9 @@ class UnionDataset(ClassificationDataset):
         inner = "|".join(dataset.fingerprint() for dataset in self.parts)
         return f"union/{self.split}/{hashlib.sha256(inner.encode()).hexdigest()[:16]}"
 
+    def local_stamp(self) -> str:
+        return "|".join(dataset.local_stamp() for dataset in self.parts)
+
 
 @dataclass
 class OnlineStream:

@@ -17,6 +17,7 @@ take their names from the dataset's own files (``ClassName.txt``, ``cars_meta.ma
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from clipcl.data.base import ClassificationDataset, DataError
+from clipcl.data.base import ClassificationDataset, DataError, files_fingerprint, files_stamp
 from clipcl.data.resources import classnames_and_templates, templates_for
 
 # name -> (torchvision class name, folder under root that torchvision uses, how it is split):
@@ -121,6 +122,31 @@ class TorchvisionDataset(ClassificationDataset):
         return image.convert("RGB"), int(self._labels[index])
 
 
+    def fingerprint(self) -> str:
+        # The base fingerprint has the name, split and labels; add what the images are: the pixel
+        # array where torchvision holds one in memory (MNIST, CIFAR...), else the files behind them.
+        subset = hashlib.sha256(self.indices.tobytes()).hexdigest()[:16]
+        pixels = getattr(self.base, "data", None)
+        if pixels is not None and hasattr(pixels, "shape"):
+            array = np.ascontiguousarray(pixels.numpy() if hasattr(pixels, "numpy") else pixels)
+            content = f"pixels={hashlib.sha256(array.tobytes()).hexdigest()[:16]}"
+        else:
+            paths = _image_paths(self.base)
+            if paths is not None:
+                content = f"files={files_fingerprint(paths, Path(self.base.root))}"
+            else:  # a layout clipcl does not know: the decoded pixels of a fixed sample of images
+                digest = hashlib.sha256()
+                for index in np.linspace(0, len(self.indices) - 1, min(64, len(self.indices))).round().astype(int):
+                    image, _ = self[int(index)]
+                    digest.update(image.tobytes())
+                content = f"sampled_pixels={digest.hexdigest()[:16]}"
+        return f"{super().fingerprint()}/subset={subset}/{content}"
+
+    def local_stamp(self) -> str:
+        paths = _image_paths(self.base)
+        return files_stamp(paths) if paths is not None else ""
+
+
 def expected_folder(name: str, root: str | Path) -> Path:
     """The folder under ``root`` where torchvision looks for dataset ``name``."""
     return Path(root) / TORCHVISION_DATASETS[name][1]
@@ -158,6 +184,20 @@ def _sample_paths(base: Any) -> list[str] | None:
     if hasattr(base, "samples"):  # ImageFolder (EuroSAT)
         return [str(path) for path, _ in base.samples]
     return None
+
+
+def _image_paths(base: Any) -> list[Path] | None:
+    """Every sample's image file, for fingerprints: :func:`_sample_paths` plus the layouts of the
+    Oxford pets (``_images``), Stanford Cars (``_samples``) and Caltech101 (built from its index)."""
+    paths = _sample_paths(base)
+    if paths is None and hasattr(base, "_images"):
+        paths = [str(path) for path in base._images]
+    if paths is None and hasattr(base, "_samples"):
+        paths = [str(path) for path, _ in base._samples]
+    if paths is None and all(hasattr(base, key) for key in ("categories", "index", "y")):
+        paths = [str(Path(base.root) / "101_ObjectCategories" / base.categories[label] / f"image_{number:04d}.jpg")
+                 for label, number in zip(base.y, base.index)]
+    return None if paths is None else [Path(path) for path in paths]
 
 
 def fixed_split(base: Any, split: str) -> np.ndarray:

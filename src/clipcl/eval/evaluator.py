@@ -88,8 +88,8 @@ def encode_dataset(
     labels = dataset.labels[indices] if len(indices) else np.zeros(0, dtype=np.int64)
     cache_key = None
     if image_key is not None and cache is not None:
-        cache_key = FeatureCache.make_key(image_key, dataset.fingerprint(), f"{runtime.rank}/{runtime.world_size}")
-        cached = cache.get(cache_key)
+        cache_key = FeatureCache.key_for(image_key, dataset, runtime)
+        cached = cache.get(cache_key, rows=len(indices))
         if cached is not None:
             return cached.to(runtime.device), None, labels
 
