@@ -90,6 +90,8 @@ class ImageFolderDataset(ClassificationDataset):
             paths = [paths[index] for index in chosen]
             all_labels = all_labels[chosen]
         self.root = top
+        self._fingerprint: str | None = None
+        self._stamp: str | None = None
         self.paths = paths
         self._labels = all_labels
 
@@ -104,6 +106,13 @@ class ImageFolderDataset(ClassificationDataset):
         return open_image(self.paths[index]), int(self._labels[index])
 
     def fingerprint(self) -> str:
+        # Computed once per dataset object (a run reads its data as it was when the run started):
+        # every cache lookup asks, and a large tree costs a stat per file.
+        if self._fingerprint is None:
+            self._fingerprint = self._content_fingerprint()
+        return self._fingerprint
+
+    def _content_fingerprint(self) -> str:
         # Not the name: it holds the tree's absolute path, and a moved tree is the same data.
         labels = hashlib.sha256(np.ascontiguousarray(self._labels).tobytes()).hexdigest()[:16]
         classes = hashlib.sha256("\n".join(self.classnames).encode()).hexdigest()[:16]
@@ -111,7 +120,9 @@ class ImageFolderDataset(ClassificationDataset):
                 f"files={files_fingerprint(self.paths, self.root)}")
 
     def local_stamp(self) -> str:
-        return files_stamp(self.paths)
+        if self._stamp is None:
+            self._stamp = files_stamp(self.paths)
+        return self._stamp
 
 
 class CaptionDataset:
