@@ -336,3 +336,23 @@ def test_a_user_error_in_a_worker_process_is_one_line(tiny_config_path, tmp_path
                  f"stream.datasets=[imagefolder:{tmp_path / 'absent'}]"]) == 2
     assert "does not exist" in _one_error_line(capsys)
     assert time.perf_counter() - started < 120
+
+
+def test_a_damaged_mid_stream_checkpoint_is_named_and_the_stream_can_start_over(tiny_run_config, tmp_path):
+    online = {"protocol": "si_blurry", "datasets": ["synthetic-0", "synthetic-1"], "num_tasks": 3,
+              "disjoint_class_ratio": 0.5, "blurry_sample_ratio": 0.1, "train_samples_per_task": 48,
+              "test_samples_per_task": 60}
+
+    def config(name):
+        return tiny_run_config({"name": "er", "memory_size": 16}, stream=online, output_dir=str(tmp_path / name),
+                               train={"batch_size": 8, "lr": 1e-3}, eval={"eval_period": 32, "cache_dir": ""})
+
+    full = run_experiment(config("full"), show_progress=False)
+    interrupted = config("interrupted")
+    assert run_experiment(interrupted, show_progress=False, stop_after_samples=40)["interrupted"]
+    (state,) = (tmp_path / "interrupted" / "checkpoints").glob("online_state_*.safetensors")
+    _flip_a_byte_of_the_data(state)
+    with pytest.raises(DamagedCheckpoint, match=r"online_state_.*is damaged.*--resume-from-intact"):
+        run_experiment(interrupted, show_progress=False)
+    again = run_experiment(interrupted, resume_from_intact=True, show_progress=False)
+    assert again["anytime"] == full["anytime"] and again["metrics"]["a_auc"] == full["metrics"]["a_auc"]
