@@ -94,11 +94,12 @@ def files_fingerprint(paths: Sequence[Path], root: Path | None = None) -> str:
 
 
 def files_stamp(paths: Sequence[Path]) -> str:
-    """A digest of every file's mtime, size and inode (see :meth:`ClassificationDataset.local_stamp`)."""
+    """A digest of every file's mtime, ctime, size and inode (see :meth:`ClassificationDataset.local_stamp`)."""
     digest = hashlib.sha256()
     for path in paths:
         status = os.stat(path)
-        digest.update(f"{status.st_mtime_ns}|{status.st_size}|{status.st_ino}\n".encode())
+        # ctime too: an edit whose mtime was set back (touch -r, some copy tools) still changes it.
+        digest.update(f"{status.st_mtime_ns}|{status.st_ctime_ns}|{status.st_size}|{status.st_ino}\n".encode())
     return digest.hexdigest()[:16]
 
 

@@ -11,8 +11,8 @@ feature:
 - the dataset's content fingerprint (pixels, or files' relative paths, sizes and sampled bytes; see
   :meth:`~clipcl.data.base.ClassificationDataset.fingerprint`) and its local stamp (every file's
   mtime, size and inode), so a changed file is never served from an old entry;
-- the process's shard, the autocast precision (bf16 features differ from fp32 ones) and the device
-  type.
+- the process's shard, the autocast precision (bf16 features differ from fp32 ones), the device
+  type (and GPU model), the torch release and the float32 matmul setting.
 
 A read is verified: the file's format tag, the row count the caller expects, and a sha256 of the
 features. Anything that does not match, or a file that cannot be read, is a miss (counted in
@@ -55,8 +55,13 @@ class FeatureCache:
     @classmethod
     def key_for(cls, image_key: str, dataset, runtime) -> str:
         """The key of ``dataset``'s features through ``image_key`` on this process of ``runtime``."""
+        # What changes a feature's rounding: the autocast precision, the device (and GPU model), the
+        # torch release and the float32 matmul setting (TF32 on a GPU).
+        numerics = [runtime.precision, runtime.device.type, torch.__version__, torch.get_float32_matmul_precision()]
+        if runtime.device.type == "cuda":
+            numerics.append(torch.cuda.get_device_name(runtime.device))
         return cls.make_key(image_key, f"{dataset.fingerprint()}|{dataset.local_stamp()}",
-                            f"{runtime.rank}/{runtime.world_size}", f"{runtime.precision}|{runtime.device.type}")
+                            f"{runtime.rank}/{runtime.world_size}", "|".join(numerics))
 
     def _path(self, key: str) -> Path | None:
         return self.directory / f"{key}.safetensors" if self.directory else None
