@@ -356,3 +356,34 @@ def test_a_damaged_mid_stream_checkpoint_is_named_and_the_stream_can_start_over(
         run_experiment(interrupted, show_progress=False)
     again = run_experiment(interrupted, resume_from_intact=True, show_progress=False)
     assert again["anytime"] == full["anytime"] and again["metrics"]["a_auc"] == full["metrics"]["a_auc"]
+
+
+def test_an_unknown_dataset_is_refused_before_the_model_is_built(tiny_run_config, monkeypatch):
+    import clipcl.models
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before the dataset names were checked")
+
+    monkeypatch.setattr(clipcl.models, "build_backend", never)
+    with pytest.raises(DataError, match="unknown dataset 'no-such-dataset'"):
+        run_experiment(tiny_run_config(stream={"datasets": ["synthetic-0", "no-such-dataset"]}), show_progress=False)
+
+
+def test_run_outputs_get_the_mode_of_any_new_file(finished):
+    config, _, _ = finished
+    expected = 0o666 & ~_current_umask()
+    for name in ("results.json", "progress.json", "config.yaml", "checkpoints/after_task_00.safetensors"):
+        assert (Path(config.output_dir) / name).stat().st_mode & 0o777 == expected, name
+
+
+def _current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def test_a_quiet_rerun_of_a_finished_run_says_so(finished, capsys):
+    config, results, _ = finished
+    capsys.readouterr()
+    assert run_experiment(config, show_progress=False)["accuracy"] == results["accuracy"]
+    assert "finished; its results are in" in capsys.readouterr().err

@@ -32,6 +32,14 @@ class DamagedCheckpoint(CheckpointError):
     """A checkpoint file that cannot be read or whose checksum does not match (truncated, overwritten)."""
 
 
+def _readable_like_any_new_file(temporary: str) -> None:
+    """mkstemp makes a file only its owner may read; give it the mode a plain new file would get
+    under the user's umask, so a run's outputs can be shared like any other file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file so that readers see the old content or the new, never half of it."""
     path = Path(path)
@@ -40,6 +48,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
+        _readable_like_any_new_file(temporary)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -61,6 +70,7 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
     os.close(handle)
     try:
         save_file(tensors, temporary, metadata=metadata)
+        _readable_like_any_new_file(temporary)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -39,11 +39,23 @@ def _one_line(error: BaseException) -> str:
 # --- clipcl run -----------------------------------------------------------------------------------
 
 
+def _quiet_libraries() -> None:
+    """--quiet: also no progress bars from the libraries that load models (Hugging Face)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return
+    transformers_logging.disable_progress_bar()
+
+
 def command_run(args: argparse.Namespace) -> int:
     from clipcl.config import load_config
     from clipcl.report import plot_run, run_summary_markdown
     from clipcl.run import run_experiment
 
+    if args.quiet:
+        _quiet_libraries()
     try:
         config = load_config(args.config, args.overrides)
         results = run_experiment(config, restart=args.restart, resume_from_intact=args.resume_from_intact,

@@ -98,5 +98,19 @@ def load_dataset(name: str, split: str, root: str | os.PathLike | None = None,
         from clipcl.data.torchvision_sets import load_torchvision
 
         return load_torchvision(name, split, root_path, download)
-    raise DataError(f"unknown dataset {name!r}; known: {', '.join(available_datasets())}; "
-                    f"stream orders: {', '.join(STREAM_ORDERS)}")
+    raise _unknown(name)
+
+
+def _unknown(name: str) -> DataError:
+    return DataError(f"unknown dataset {name!r}; known: {', '.join(available_datasets())}; "
+                     f"stream orders: {', '.join(STREAM_ORDERS)}")
+
+
+def check_dataset_names(names: Iterable[str]) -> None:
+    """Refuse an unknown dataset name (stream orders expanded) without loading anything: a run checks
+    its names before it spends time building the model."""
+    for name in resolve_dataset_list(list(names)):
+        known = (name.startswith(("synthetic-", IMAGEFOLDER_PREFIX)) or name in OFFLINE_DATASETS
+                 or name in _torchvision_names())
+        if not known:
+            raise _unknown(name)

@@ -79,9 +79,9 @@ def run_experiment(config: RunConfig, *, restart: bool = False, resume_from_inta
     try:
         previous = check_previous_run(directory, config, restart)
         if previous and previous["finished"] and not restart and not resume_from_intact:
-            if show_progress:
-                print(f"{directory.root} holds this run, finished; its results are in {directory.results}",
-                      file=sys.stderr)
+            # Said even when quiet: otherwise a rerun looks like a run that trained again.
+            print(f"{directory.root} holds this run, finished; its results are in {directory.results}",
+                  file=sys.stderr)
             return read_json_file(directory.results)
         kwargs = {"restart": restart, "resume_from_intact": resume_from_intact, "previous": previous,
                   "show_progress": show_progress, "stop_after_task": stop_after_task,
@@ -139,18 +139,23 @@ def _run(config: RunConfig, runtime: Runtime, *, restart: bool, resume_from_inta
          previous: dict[str, Any] | None, show_progress: bool, stop_after_task: int | None,
          stop_after_samples: int | None) -> dict[str, Any]:
     from clipcl.data.online_stream import ONLINE_PROTOCOL, build_online_stream
+    from clipcl.data.registry import check_dataset_names
     from clipcl.data.streams import build_stream
     from clipcl.engine.observers import build_observers
     from clipcl.engine.trainer import Trainer
     from clipcl.eval.cache import FeatureCache, default_cache_dir
-    from clipcl.eval.retrieval import load_captioned
+    from clipcl.eval.retrieval import CAPTION_SUFFIXES, load_captioned
     from clipcl.models import build_backend
     from clipcl.strategies import build_strategy
 
     directory = RunDirectory(config.output_dir)
     online = config.stream.protocol == ONLINE_PROTOCOL
     # Build and check everything (model, data, the method's sources) before the folder is touched:
-    # a run that cannot start leaves an earlier run's results as they were.
+    # a run that cannot start leaves an earlier run's results as they were. Dataset names first:
+    # a typo should not wait for the model to load.
+    datasets = config.stream.datasets
+    check_dataset_names([*([datasets] if isinstance(datasets, str) else datasets), *config.stream.heldout,
+                         *(spec for spec in config.eval.retrieval if not spec.lower().endswith(CAPTION_SUFFIXES))])
     seed_everything(config.seed)
     backend = build_backend(config.model).to(runtime.device)
     stream = build_online_stream(config.stream, config.seed) if online else build_stream(config.stream, config.seed)
