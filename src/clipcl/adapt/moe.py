@@ -3,8 +3,10 @@ Models via Mixture-of-Experts Adapters"), written for clipcl.
 
 Each adapted block gets ``E`` experts -- each an :class:`~clipcl.adapt.adapter.Adapter`
 ``up(dropout(relu(down(x))))`` with a bottleneck of 64, ``up`` initialised to zero, the mixture's output
-scaled by 0.1 -- and one or more routers. A router reads one vector per sample (the first token of a
-transformer block's input; the spatial mean of a convolutional block's input), scores the experts with
+scaled by 0.1 -- and one or more routers. A router reads one vector per sample (the first token of the
+tensor the mixture reads: in a CLIP transformer block, the residual stream after attention, i.e. the
+input of the MLP's layer norm, as the official code; the spatial mean of a convolutional block's
+input), scores the experts with
 noisy top-k gating (Shazeer et al. 2017: Gaussian noise whose scale is ``softplus(x W_noise) + 0.01``,
 only while training), keeps the k best, and the block's output gains the softmax-weighted sum of those
 k experts. Routing is per sample, so an image's output never depends on which other images share its

@@ -27,7 +27,8 @@ ZERO_SHOT = -1
 
 
 class FeatureAutoencoder(nn.Module):
-    """``width -> hidden -> width`` with a ReLU, the shape of the paper's autoencoders, and its threshold."""
+    """``width -> hidden -> width`` with a ReLU, and its threshold. (The official autoencoder also ends
+    in a sigmoid and reads sigmoid-squashed features: docs/fidelity.md, B4.)"""
 
     def __init__(self, width: int, hidden: int) -> None:
         super().__init__()

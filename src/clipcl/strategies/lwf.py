@@ -8,8 +8,10 @@ task's class prompts (the same logits the cross-entropy uses)::
 
     loss = CE(logits, targets) + alpha * T^2 * KL(softmax(teacher_logits / T) || softmax(logits / T))
 
-This is the CLIP form of LwF used as a baseline by Ding et al. (2022) and ZSCL (Zheng et al. 2023).
-Which parameters train is chosen as in ``finetune``.
+This is the CLIP form of LwF that Ding et al. (2022) and ZSCL (Zheng et al. 2023) use as a baseline,
+with one difference in multi-session runs: Ding's LwF distils over every class seen so far, this one
+over the current task's classes (docs/fidelity.md, A1). Which parameters train is chosen as in
+``finetune``.
 
 Online variant (Si-Blurry streams have no task boundaries): the whole stream is one task, so the
 teacher starts as the model before the stream, and ``teacher_refresh_every`` optimiser steps it is

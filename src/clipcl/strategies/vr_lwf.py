@@ -54,10 +54,12 @@ VARIANTS: dict[str, dict[str, object]] = {
 
 @dataclass
 class VRLwFConfig(FinetuneConfig):
-    """Ding et al.'s optimiser settings (``main.py``): Adam, lr 1e-6, batch 100, 15 epochs, the lr cut by
-    10x after 10 epochs, no label smoothing (the ``label_smoothing`` default, 0). They belong in the
-    ``train`` section; configs/vr_lwf.yaml has the closest clipcl equivalent (AdamW with weight decay
-    0 is Adam)."""
+    """Ding et al.'s optimiser settings (``main.py``): Adam, lr 1e-6, batch 100, 15 epochs, no label
+    smoothing (the ``label_smoothing`` default, 0). They belong in the ``train`` section (AdamW with
+    weight decay 0 is Adam). Their scheduler cuts the lr 10x after 10 epochs only in one-session runs
+    (``vrd.py`` steps it in that branch only; multi-session runs keep the lr constant): clipcl has no
+    step schedule, so one-session runs cannot reproduce it, and multi-session runs need
+    ``train.lr_schedule=constant`` (docs/fidelity.md, A2)."""
 
     variant: str = "ding2022"
     """``ding2022`` (the paper's method) or ``zscl`` (ZSCL's re-implementation, "LwF-VR")."""

@@ -2,8 +2,9 @@
 
 After fine-tuning on a task, the trained weights are interpolated with the zero-shot weights,
 ``theta <- (1 - alpha) * theta_zero_shot + alpha * theta_finetuned``, and the next task starts from
-the interpolated weights. This is the continual WiSE-FT baseline of ZSCL (Zheng et al. 2023).
-``alpha = 0.5`` is the paper's usual middle point.
+the interpolated weights. ``alpha = 0.5`` is the WiSE-FT paper's usual middle point. This is not
+ZSCL's continual WiSE-FT baseline, which interpolates with the *previous task's* weights at
+``alpha = 0.8`` (ZSCL ``scripts/WiSE_finetune.sh``; docs/fidelity.md, A5).
 """
 
 from __future__ import annotations

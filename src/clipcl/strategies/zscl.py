@@ -37,8 +37,10 @@ class ZSCLConfig(FinetuneConfig):
     label_smoothing: float = 0.2
     """Label smoothing of the cross-entropy: 0.2, as every run of ZSCL's MTIL scripts (``--ls 0.2``).
     ZSCL's optimiser settings (AdamW, weight decay 0, lr 1e-5 (5e-5 for Aircraft and MNIST), batch 64,
-    1,000 iterations per task, cosine schedule) belong in the ``train`` section; configs/zscl.yaml
-    has them."""
+    1,000 iterations per task (its loop runs 1,001), cosine schedule after 100 warm-up steps, no
+    gradient clipping) belong in the ``train`` section (``train.warmup_steps=100``,
+    ``train.max_grad_norm`` off); configs/zscl.yaml's comments list them, its values are the offline
+    benchmark's (docs/fidelity.md, A4)."""
     reference_dataset: str = "skimage_photos"
     """Registry name of the reference images (its train split). Must not be a task of the stream.
     ZSCL uses ImageNet, which clipcl cannot load offline; skimage_photos (17 everyday photos) is
@@ -202,6 +204,9 @@ class ZSCL(Finetune):
         image_to_text, text_to_image = two_way_distillation_kl(student_logits, teacher_logits, config.temperature)
         distill = image_to_text + text_to_image if config.text_to_image else image_to_text
         loss = ce + config.distill_weight * distill
+        # Logged as "distill": the KL, both directions summed. ZSCL prints the image-to-text soft
+        # cross-entropy alone, which is larger by T^2 times the teacher's entropy (same gradient):
+        # do not compare the two numbers.
         outputs = {"ce": ce.detach(), "distill": distill.detach()}
         if self._anchors:
             trained = self._trained()
