@@ -38,9 +38,10 @@ from clipcl.run import run_experiment
 METHODS: dict[str, dict] = {
     "zero_shot": {"name": "zero_shot"},
     "finetune": {"name": "finetune", "train": "all"},
-    # Ding et al.'s LwF baseline: their LwF_KL at T = 1, weighted by --alpha 0.5 (methods/lwf.py, main.py).
-    "lwf": {"name": "lwf", "train": "all", "alpha": 0.5, "temperature": 1.0},
-    "vr_lwf": {"name": "vr_lwf", "train": "all"},
+    # Ding et al.'s LwF baseline: their LwF_KL at T = 1 over every class seen so far, weighted by
+    # --alpha 0.5, with the logit scale trained (methods/lwf.py, main.py; docs/fidelity.md A1).
+    "lwf": {"name": "lwf", "train": "all", "alpha": 0.5, "temperature": 1.0, "train_logit_scale": True},
+    "vr_lwf": {"name": "vr_lwf", "train": "all", "train_logit_scale": True},
     "vr_lwf_zscl": {"name": "vr_lwf", "variant": "zscl", "train": "all"},
     # Reference images: sklearn digits, a real dataset that is neither a task nor a held-out probe;
     # reference texts: CIFAR-100's class prompts. Averaging every 10 steps (ZSCL: every 100 of 1,000).

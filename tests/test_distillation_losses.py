@@ -18,6 +18,7 @@ from clipcl.data.streams import build_stream
 from clipcl.engine.runtime import Runtime
 from clipcl.models.tiny import tiny_open_clip_backend
 from clipcl.run import run_experiment
+from clipcl.strategies.lwf import LwF, LwFConfig
 from clipcl.strategies.vr_lwf import VRLwF, VRLwFConfig, random_token_texts
 from clipcl.strategies.zscl import ZSCL, ZSCLConfig
 
@@ -71,6 +72,39 @@ def kl_teacher_student(student_logits, teacher_logits, temperature):
 
 def first_prompts(backend, classes):
     return backend.tokenize([c.templates[0].format(c.name) for c in classes])
+
+
+# --- LwF ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("distill_classes", ["seen", "task"])
+def test_lwf_loss_matches_independent_computation(stream, distill_classes):
+    """Ding et al.'s LwF (``seen``): the KL over every class seen so far; ``task``: the task's classes."""
+    torch.manual_seed(0)
+    first, second = stream.tasks
+    backend = tiny_open_clip_backend(seed=0)
+    strategy = LwF(backend, LwFConfig(name="lwf", alpha=0.5, temperature=1.0, distill_classes=distill_classes))
+    strategy.before_task(first)
+    perturb(backend, seed=1)
+    strategy.after_task(first)
+    teacher = copy.deepcopy(backend).eval()  # the model after the first task
+    strategy.before_task(second)
+    perturb(backend, seed=2)
+    images, targets = batch(backend, second)
+    with torch.no_grad():
+        outputs = strategy({"images": images, "targets": targets}, second)
+        student_images, teacher_images = unit(backend.encode_image(images)), unit(teacher.encode_image(images))
+        student_scale, teacher_scale = backend.logit_scale.exp(), teacher.logit_scale.exp()
+        current = unit(backend.encode_text(first_prompts(backend, second.classes)))
+        ce = cross_entropy(student_scale * student_images @ current.t(), targets)
+        distilled = (first.classes if distill_classes == "seen" else []) + second.classes
+        tokens = first_prompts(backend, distilled)
+        distill = kl_teacher_student(student_scale * student_images @ unit(backend.encode_text(tokens)).t(),
+                                     teacher_scale * teacher_images @ unit(teacher.encode_text(tokens)).t(), 1.0)
+    assert distill > 1e-3  # the check is not vacuous
+    assert abs(outputs["ce"].item() - ce.item()) < TOLERANCE
+    assert abs(outputs["distill"].item() - distill.item()) < TOLERANCE
+    assert abs(outputs["loss"].item() - (ce + 0.5 * distill).item()) < TOLERANCE
 
 
 # --- VR-LwF -------------------------------------------------------------------------------------
@@ -195,12 +229,14 @@ def test_zscl_weight_average_is_the_mean_of_start_and_folded_weights(stream):
     strategy.before_task(task)
     parameter = backend.model.visual.proj
     snapshots = [parameter.detach().clone()]
-    for step in range(5):
+    for step in range(6):
         perturb(backend, seed=10 + step)
         strategy.after_step(step)
-        if step % 2 == 0:
+        # Folded at steps 0, 2, 4 and, as ZSCL folds at its final iteration, after the last step (5).
+        if step % 2 == 0 or step == 5:
             snapshots.append(parameter.detach().clone())
     strategy.after_task(task)
+    assert len(snapshots) == 5
     assert torch.allclose(parameter, torch.stack(snapshots).mean(dim=0), atol=1e-6)
 
 

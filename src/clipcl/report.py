@@ -214,12 +214,7 @@ def _check_task_run(results: dict[str, Any], path: Path) -> None:
     if zero_shot_row is not None and (not KIND_CHECKS["a list of numbers"](zero_shot_row)
                                       or len(zero_shot_row) != columns):
         raise ResultsError(f"{path}: 'accuracy.zero_shot_row' is neither null nor a list of {columns} numbers")
-    for key, value in results["metrics"].items():
-        if not _is_number_or_null(value):
-            raise ResultsError(f"{path}: 'metrics.{key}' is {_describe(value)}, not a number")
-    heldout = results.get("heldout") or {}
-    if not isinstance(heldout, dict):
-        raise ResultsError(f"{path}: 'heldout' is {_describe(heldout)}, not an object")
+    heldout = _checked_metrics_and_heldout(results, path)
     if heldout.get("datasets"):
         after_each_task = heldout.get("after_each_task")
         if not isinstance(after_each_task, list) or not after_each_task:
@@ -230,16 +225,22 @@ def _check_task_run(results: dict[str, Any], path: Path) -> None:
             raise ResultsError(f"{path}: 'heldout.zero_shot' is neither null nor a list of numbers")
 
 
-def _check_online_run(results: dict[str, Any], path: Path) -> None:
-    anytime = results["anytime"]
-    if len(anytime["samples"]) != len(anytime["accuracy"]):
-        raise ResultsError(f"{path}: 'anytime.samples' and 'anytime.accuracy' differ in length")
+def _checked_metrics_and_heldout(results: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Check that every metric is a number (or null) and that 'heldout' is an object; return it."""
     for key, value in results["metrics"].items():
         if not _is_number_or_null(value):
             raise ResultsError(f"{path}: 'metrics.{key}' is {_describe(value)}, not a number")
     heldout = results.get("heldout") or {}
     if not isinstance(heldout, dict):
         raise ResultsError(f"{path}: 'heldout' is {_describe(heldout)}, not an object")
+    return heldout
+
+
+def _check_online_run(results: dict[str, Any], path: Path) -> None:
+    anytime = results["anytime"]
+    if len(anytime["samples"]) != len(anytime["accuracy"]):
+        raise ResultsError(f"{path}: 'anytime.samples' and 'anytime.accuracy' differ in length")
+    heldout = _checked_metrics_and_heldout(results, path)
     if heldout.get("datasets"):
         for key in ("zero_shot", "after_stream"):
             if not KIND_CHECKS["a list of numbers"](heldout.get(key)):

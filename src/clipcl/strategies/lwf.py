@@ -2,16 +2,17 @@
 
 LwF keeps a frozen copy of the model as it was when the task started (after the previous task; the
 pretrained model for the first task) and adds to the task loss a distillation term that keeps the
-new model's predictions close to the old model's on the *current* task's images. With CLIP the
-"heads" are the class prompts, so the predictions are the image-vs-text logits over the current
-task's class prompts (the same logits the cross-entropy uses)::
+new model's predictions close to the old model's on the current task's images. With CLIP the
+"heads" are class prompts, so the predictions are image-vs-text logits. By default
+(``distill_classes: seen``) they are taken over **every class seen so far**, the earlier tasks' and
+the current one's, as in Ding et al.'s LwF baseline (CL-CLIP ``methods/lwf.py``, its ``lwf_mask``)
+and as LwF's old-task heads; the cross-entropy stays over the current task's classes::
 
-    loss = CE(logits, targets) + alpha * T^2 * KL(softmax(teacher_logits / T) || softmax(logits / T))
+    loss = CE(logits_current, targets) + alpha * T^2 * KL(softmax(teacher_seen / T) || softmax(logits_seen / T))
 
-This is the CLIP form of LwF that Ding et al. (2022) and ZSCL (Zheng et al. 2023) use as a baseline,
-with one difference in multi-session runs: Ding's LwF distils over every class seen so far, this one
-over the current task's classes (docs/fidelity.md, A1). Which parameters train is chosen as in
-``finetune``.
+``distill_classes: task`` distils over the current task's classes only (the form clipcl used before;
+the same in one session and on online streams, where there are no earlier tasks). Which parameters
+train is chosen as in ``finetune``.
 
 Online variant (Si-Blurry streams have no task boundaries): the whole stream is one task, so the
 teacher starts as the model before the stream, and ``teacher_refresh_every`` optimiser steps it is
@@ -26,6 +27,7 @@ import torch
 
 from clipcl.config import ConfigError
 from clipcl.losses import classification_loss, clip_logits, distillation_kl, normalize
+from clipcl.strategies.base import class_text_features
 from clipcl.strategies.finetune import Finetune, FinetuneConfig
 from clipcl.strategies.teacher import Teacher
 
@@ -44,6 +46,9 @@ class LwFConfig(FinetuneConfig):
     text_to_image: bool = False
     """Also distil the transposed logits (each class prompt's distribution over the batch's images),
     as ZSCL's re-implementation of LwF does (its ``--image_loss --text_loss``). Off in the paper."""
+    distill_classes: str = "seen"
+    """``seen``: distil over the logits of every class seen so far (Ding et al.'s LwF); ``task``: over
+    the current task's classes only."""
 
     def validate(self) -> None:
         if self.alpha < 0:
@@ -52,6 +57,8 @@ class LwFConfig(FinetuneConfig):
             raise ConfigError(f"strategy.temperature must be > 0, got {self.temperature}")
         if self.teacher_refresh_every is not None and self.teacher_refresh_every < 1:
             raise ConfigError(f"strategy.teacher_refresh_every must be >= 1 (or null), got {self.teacher_refresh_every}")
+        if self.distill_classes not in ("seen", "task"):
+            raise ConfigError(f"strategy.distill_classes must be seen or task, got {self.distill_classes!r}")
         if self.label_space != "task":
             raise ConfigError("strategy.label_space: lwf distils over the task's classes; only 'task' is supported")
         super().validate()
@@ -66,18 +73,33 @@ class LwF(Finetune):
         self._teacher: Teacher | None = None
         self._teacher_text: torch.Tensor | None = None
         self._task = None
+        self._seen: list = []  # classes of the finished tasks, in first-seen order
+        self._old_classes: list = []  # this task's distilled classes that are not its own
+        self._frozen_old_text: torch.Tensor | None = None
+
+    def restore_structure(self, completed) -> None:
+        super().restore_structure(completed)
+        self._seen = list(dict.fromkeys(class_text for task in completed for class_text in task.classes))
 
     def before_task(self, task) -> None:
         super().before_task(task)
         self._teacher = self._teacher_text = None  # free the old copy before making the new one
         self._teacher = Teacher(self.backend)
-        self._teacher_text = self._teacher.class_features(task.classes)
+        current = set(task.classes)
+        self._old_classes = ([c for c in self._seen if c not in current]
+                             if self.config.distill_classes == "seen" else [])
+        # The teacher's features of every distilled class: the old ones first, then the task's.
+        self._teacher_text = self._teacher.class_features(self._old_classes + list(task.classes))
+        self._frozen_old_text = None
+        if self._old_classes and not self.text_trains:
+            with torch.no_grad():  # a frozen text tower: the old classes' features are fixed
+                self._frozen_old_text = class_text_features(self.backend, self._old_classes, ensemble=False)
         self._task = task
 
     def on_new_classes(self, task) -> None:
         super().on_new_classes(task)
         if self._teacher is not None:
-            self._teacher_text = self._teacher.class_features(task.classes)
+            self._teacher_text = self._teacher.class_features(self._old_classes + list(task.classes))
 
     def after_step(self, step: int) -> None:
         super().after_step(step)
@@ -85,7 +107,7 @@ class LwF(Finetune):
         if every is not None and self._teacher is not None and (step + 1) % every == 0 and self._task is not None:
             self._teacher = None
             self._teacher = Teacher(self.backend)
-            self._teacher_text = self._teacher.class_features(self._task.classes)
+            self._teacher_text = self._teacher.class_features(self._old_classes + list(self._task.classes))
 
     def online_state(self) -> dict[str, torch.Tensor]:
         # A refreshed teacher is the model of some earlier step, which no checkpoint holds otherwise.
@@ -98,23 +120,32 @@ class LwF(Finetune):
             return
         self._teacher.backend.load_state_dict({name[len("teacher."):]: tensor for name, tensor in tensors.items()})
         if self._task is not None:
-            self._teacher_text = self._teacher.class_features(self._task.classes)
+            self._teacher_text = self._teacher.class_features(self._old_classes + list(self._task.classes))
 
     def forward(self, batch, task):
         images, targets = batch["images"], batch["targets"]
         if self._teacher is None:
             raise RuntimeError("LwF.forward called before before_task")
         image_features = normalize(self.backend.encode_image(images))
-        logits = clip_logits(image_features, self.task_text_features(task), self.backend.logit_scale)
+        task_text = self.task_text_features(task)
+        logits = clip_logits(image_features, task_text, self.backend.logit_scale)
         ce = classification_loss(logits, targets, self.config.label_smoothing)
+        distilled = logits
+        if self._old_classes:
+            old_text = self._frozen_old_text
+            if old_text is None:
+                old_text = class_text_features(self.backend, self._old_classes, ensemble=False)
+            distilled = clip_logits(image_features, torch.cat([old_text, task_text]), self.backend.logit_scale)
         teacher_logits = self._teacher.logits(self._teacher.image_features(images), self._teacher_text)
-        distill = distillation_kl(logits, teacher_logits, self.config.temperature)
+        distill = distillation_kl(distilled, teacher_logits, self.config.temperature)
         if self.config.text_to_image:
-            distill = distill + distillation_kl(logits.t(), teacher_logits.t(), self.config.temperature)
+            distill = distill + distillation_kl(distilled.t(), teacher_logits.t(), self.config.temperature)
         loss = ce + self.config.alpha * distill
         return {"loss": loss, "ce": ce.detach(), "distill": distill.detach(),
                 "accuracy": (logits.argmax(dim=-1) == targets).float().mean().detach()}
 
     def after_task(self, task) -> None:
         super().after_task(task)
-        self._teacher = self._teacher_text = self._task = None
+        self._seen = list(dict.fromkeys([*self._seen, *task.classes]))
+        self._teacher = self._teacher_text = self._task = self._frozen_old_text = None
+        self._old_classes = []

@@ -9,7 +9,8 @@ Two protections of the pretrained model's zero-shot ability, on top of the fine-
   distilled over the rows (image -> text) and over the columns (text -> image), T = 2.
 - **Parameter space**: weight averaging during training. Every ``average_every`` optimizer steps
   the current weights are folded into a running average, which starts from the weights at the
-  start of the task; after the task the average replaces the weights (and the next task starts
+  start of the task; the final weights are folded too (ZSCL folds at every multiple of 100 of its
+  iterations 0..1000, the last at the final one); after the task the average replaces the weights (and the next task starts
   from it). ZSCL's script also adds an L2 penalty to the weights at the start of the task.
 
     loss = CE(current classes) + w * (KL_T(image -> text) + KL_T(text -> image)) + l2_weight * ||theta - theta_0||^2
@@ -77,7 +78,8 @@ class ZSCLConfig(FinetuneConfig):
     weight_average: bool = True
     """Average the weights during training and keep the average after the task (ZSCL's ``--we``)."""
     average_every: int = 100
-    """Fold the weights into the running average every this many steps (ZSCL's ``--avg_freq 100``)."""
+    """Fold the weights into the running average every this many steps, counting from step 0, and
+    after the last step (ZSCL's ``--avg_freq 100``: 11 folds in a 1,000-iteration task)."""
 
     def validate(self) -> None:
         if self.reference_preprocess not in PREPROCESSING:
@@ -122,6 +124,8 @@ class ZSCL(Finetune):
         self._anchors: dict[str, torch.Tensor] = {}
         self._average: dict[str, torch.Tensor] = {}
         self._averaged = 0
+        self._last_step: int | None = None
+        self._last_fold: int | None = None
 
     # --- reference data (a source the engine builds, loads and draws per step) -----------------------
     def sources(self) -> dict:
@@ -166,11 +170,19 @@ class ZSCL(Finetune):
         self._average = ({name: parameter.detach().clone() for name, parameter in trained.items()}
                          if config.weight_average else {})
         self._averaged = 1  # the running average starts as the weights at the start of the task
+        self._last_step = self._last_fold = None
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
+        self._last_step = step
         if not self._average or step % self.config.average_every:
             return
+        self._fold()
+        self._last_fold = step
+
+    @torch.no_grad()
+    def _fold(self) -> None:
+        """Fold the current weights into the running mean of the weights."""
         count = self._averaged
         for name, parameter in self._trained().items():
             average = self._average[name]
@@ -180,6 +192,11 @@ class ZSCL(Finetune):
     @torch.no_grad()
     def after_task(self, task) -> None:
         super().after_task(task)
+        if self._average and self._last_step is not None and self._last_fold != self._last_step:
+            # The final weights join the mean too: ZSCL's loop runs iterations 0..1000 and folds at
+            # every multiple of 100, the last at the final iteration (11 folds).
+            self._fold()
+        self._last_step = self._last_fold = None
         if self._average:
             for name, parameter in self._trained().items():
                 parameter.copy_(self._average[name])
