@@ -59,7 +59,8 @@ class VRLwFConfig(FinetuneConfig):
     weight decay 0 is Adam). Their scheduler cuts the lr 10x after 10 epochs only in one-session runs
     (``vrd.py`` steps it in that branch only; multi-session runs keep the lr constant): clipcl has no
     step schedule, so one-session runs cannot reproduce it, and multi-session runs need
-    ``train.lr_schedule=constant`` (docs/fidelity.md, A2)."""
+    ``train.lr_schedule=constant`` (docs/fidelity.md, A2). Ding also trains the logit scale
+    (``train_logit_scale: true``, which configs/vr_lwf.yaml sets)."""
 
     variant: str = "ding2022"
     """``ding2022`` (the paper's method) or ``zscl`` (ZSCL's re-implementation, "LwF-VR")."""
