@@ -387,3 +387,24 @@ def test_a_quiet_rerun_of_a_finished_run_says_so(finished, capsys):
     capsys.readouterr()
     assert run_experiment(config, show_progress=False)["accuracy"] == results["accuracy"]
     assert "finished; its results are in" in capsys.readouterr().err
+
+
+def test_restart_replaces_a_run_whose_progress_file_is_damaged(finished):
+    config, results, _ = finished
+    (Path(config.output_dir) / "progress.json").write_text('{"rows": [[1')
+    with pytest.raises(RunError, match="progress.json is damaged"):
+        run_experiment(config, show_progress=False)
+    again = run_experiment(config, restart=True, show_progress=False)
+    assert again["accuracy"]["matrix"] == results["accuracy"]["matrix"]
+
+
+def test_eval_zero_shot_row_false_on_an_online_stream_with_heldout_sets(tiny_run_config, tmp_path, capsys):
+    from clipcl.report import load_results, run_summary_markdown
+
+    online = {"protocol": "si_blurry", "datasets": ["synthetic-0"], "num_tasks": 2, "train_samples_per_task": 24,
+              "test_samples_per_task": 12, "heldout": ["synthetic-5"]}
+    config = tiny_run_config({"name": "finetune"}, stream=online, train={"batch_size": 8},
+                             eval={"eval_period": 16, "zero_shot_row": False})
+    results = run_experiment(config, show_progress=False)
+    assert results["heldout"]["zero_shot"] is None and "heldout_zero_shot" not in results["metrics"]
+    assert "synthetic-5" in run_summary_markdown(load_results(config.output_dir))

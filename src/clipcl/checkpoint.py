@@ -32,12 +32,21 @@ class DamagedCheckpoint(CheckpointError):
     """A checkpoint file that cannot be read or whose checksum does not match (truncated, overwritten)."""
 
 
+def _process_umask() -> int:
+    # Read once, at import: setting it to read it is process-wide, so doing that while other threads
+    # create files would give those files the wrong mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _process_umask()
+
+
 def _readable_like_any_new_file(temporary: str) -> None:
     """mkstemp makes a file only its owner may read; give it the mode a plain new file would get
     under the user's umask, so a run's outputs can be shared like any other file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
+    os.chmod(temporary, 0o666 & ~_UMASK)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -74,7 +74,9 @@ def online_summary_markdown(results: dict[str, Any]) -> str:
     heldout = results.get("heldout", {})
     if heldout.get("datasets"):
         lines += ["", "| held-out dataset | zero-shot | after the stream |", "|---|---|---|"]
-        for name, before, after in zip(heldout["datasets"], heldout["zero_shot"], heldout["after_stream"]):
+        # zero_shot is None when the run measured nothing before training (eval.zero_shot_row: false).
+        before_stream = heldout.get("zero_shot") or [None] * len(heldout["datasets"])
+        for name, before, after in zip(heldout["datasets"], before_stream, heldout["after_stream"]):
             lines.append(f"| {name} | {_number(before)} | {_number(after)} |")
     lines += ["", f"Parameters: {params['trainable']:,} trainable of {params['total']:,}.",
               (f"Training: {timing['train_steps']} steps, {_number(timing['train_seconds'])} s; evaluation "
@@ -242,9 +244,10 @@ def _check_online_run(results: dict[str, Any], path: Path) -> None:
         raise ResultsError(f"{path}: 'anytime.samples' and 'anytime.accuracy' differ in length")
     heldout = _checked_metrics_and_heldout(results, path)
     if heldout.get("datasets"):
-        for key in ("zero_shot", "after_stream"):
-            if not KIND_CHECKS["a list of numbers"](heldout.get(key)):
-                raise ResultsError(f"{path} lists held-out datasets but 'heldout.{key}' is not a list of numbers")
+        if not KIND_CHECKS["a list of numbers"](heldout.get("after_stream")):
+            raise ResultsError(f"{path} lists held-out datasets but 'heldout.after_stream' is not a list of numbers")
+        if heldout.get("zero_shot") is not None and not KIND_CHECKS["a list of numbers"](heldout["zero_shot"]):
+            raise ResultsError(f"{path}: 'heldout.zero_shot' is neither null nor a list of numbers")
 
 
 def load_results(run_dir: str | Path) -> dict[str, Any]:

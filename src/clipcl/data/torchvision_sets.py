@@ -123,6 +123,13 @@ class TorchvisionDataset(ClassificationDataset):
 
 
     def fingerprint(self) -> str:
+        # Computed once per dataset object (every cache lookup asks; a large tree costs a stat per
+        # file): a run reads its data as it was when the run started.
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = self._content_fingerprint()
+        return self._fingerprint
+
+    def _content_fingerprint(self) -> str:
         # The base fingerprint has the name, split and labels; add what the images are: the pixel
         # array where torchvision holds one in memory (MNIST, CIFAR...), else the files behind them.
         subset = hashlib.sha256(self.indices.tobytes()).hexdigest()[:16]
@@ -143,8 +150,10 @@ class TorchvisionDataset(ClassificationDataset):
         return f"{super().fingerprint()}/subset={subset}/{content}"
 
     def local_stamp(self) -> str:
-        paths = _image_paths(self.base)
-        return files_stamp(paths) if paths is not None else ""
+        if getattr(self, "_stamp", None) is None:
+            paths = _image_paths(self.base)
+            self._stamp = files_stamp(paths) if paths is not None else ""
+        return self._stamp
 
 
 def expected_folder(name: str, root: str | Path) -> Path:

@@ -159,10 +159,10 @@ def _source_fingerprint(source) -> str:
     dataset = source.dataset
     if hasattr(dataset, "fingerprint"):
         return dataset.fingerprint() + "|" + json.dumps(getattr(source, "texts", []))
-    base = dataset.path.parent
-    rows = [(str(path.relative_to(base)) if path.is_relative_to(base) else path.name, path.stat().st_size, caption)
-            for path, caption in zip(dataset.image_paths, dataset.captions)]
-    return json.dumps(rows)
+    from clipcl.data.base import files_fingerprint
+
+    unique = list(dict.fromkeys(dataset.image_paths))
+    return files_fingerprint(unique, dataset.path.parent) + "|" + json.dumps(dataset.captions)
 
 
 def check_same_data(previous: dict[str, str] | None, current: dict[str, str], progress_path: Path) -> None:

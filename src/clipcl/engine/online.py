@@ -155,8 +155,10 @@ def checkpoint_intact(context: RunContext, chunks: int) -> bool:
         try:
             read_verified(path)
         except FileNotFoundError:
-            raise RunError(f"{context.directory.progress} names checkpoint {path}, which is missing; pass "
-                           "--resume-from-intact to start the stream over, or --restart") from None
+            if not context.resume_from_intact:
+                raise RunError(f"{context.directory.progress} names checkpoint {path}, which is missing; pass "
+                               "--resume-from-intact to start the stream over, or --restart") from None
+            return False
         except DamagedCheckpoint as error:
             if not context.resume_from_intact:
                 raise DamagedCheckpoint(f"{error}; pass --resume-from-intact to start the stream over "

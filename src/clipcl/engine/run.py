@@ -40,7 +40,7 @@ from clipcl.errors import UserError
 def check_previous_run(directory: RunDirectory, config: RunConfig, restart: bool) -> dict[str, Any] | None:
     """What an earlier run left in the folder (:func:`~clipcl.engine.run_folder.previous_run`), refusing
     one with another config unless ``restart``. Reads only: nothing is written before the run is built."""
-    previous = previous_run(directory)
+    previous = previous_run(directory, restart)
     digest = fingerprint_digest(config_fingerprint(config))
     if previous and previous["measured"] and not restart and previous["config_digest"] != digest:
         raise RunError(f"{directory.root} holds a run with another config; choose another output_dir "
@@ -67,9 +67,9 @@ def run_experiment(config: RunConfig, *, restart: bool = False, resume_from_inta
                    stop_after_samples: int | None = None) -> dict[str, Any]:
     """Run (or resume) ``config``; returns the results dict also written to results.json.
 
-    A finished run's results are returned as they are. ``restart`` replaces an earlier run in the
-    folder, once the new one is built and checked; ``resume_from_intact`` resumes from the newest
-    checkpoint that verifies when the latest is damaged. ``stop_after_task`` (task streams) and
+    A finished run's results are returned as they are (nothing is loaded). ``restart`` replaces an
+    earlier run in the folder, once the new one is built and checked; ``resume_from_intact`` resumes
+    an unfinished run from the newest checkpoint that verifies when the latest is damaged. ``stop_after_task`` (task streams) and
     ``stop_after_samples`` (online streams) stop after the checkpoint at that point, as an
     interruption would (for tests).
     """
@@ -78,7 +78,7 @@ def run_experiment(config: RunConfig, *, restart: bool = False, resume_from_inta
     lock = RunLock(directory.root).acquire()  # held by this process until the run ends, however it ends
     try:
         previous = check_previous_run(directory, config, restart)
-        if previous and previous["finished"] and not restart and not resume_from_intact:
+        if previous and previous["finished"] and not restart:
             # Said even when quiet: otherwise a rerun looks like a run that trained again.
             print(f"{directory.root} holds this run, finished; its results are in {directory.results}",
                   file=sys.stderr)
@@ -130,8 +130,12 @@ def _worker(rank: int, config: RunConfig, kwargs: dict[str, Any], user_errors) -
             _run(config, runtime, **kwargs)
         finally:
             runtime.close()
-    except UserError as error:
-        user_errors.put(str(error).splitlines()[0] if str(error) else type(error).__name__)
+    except (UserError, OSError) as error:  # what the command reports in one line, not as a bug
+        if isinstance(error, OSError) and error.strerror:
+            message = f"{error.filename}: {error.strerror}" if error.filename is not None else error.strerror
+        else:
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        user_errors.put(message)
         raise SystemExit(2) from None
 
 

@@ -48,21 +48,32 @@ class RunLock:
     def acquire(self) -> RunLock:
         if not self.root.exists():
             self.created_folder = True
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held until release)
-        except OSError as error:
-            raise RunError(f"cannot write to output_dir {self.root}: {error.strerror or error}") from None
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
+        while True:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held until release)
+            except OSError as error:
+                raise RunError(f"cannot write to output_dir {self.root}: {error.strerror or error}") from None
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise RunError(f"{self.root} is in use by another clipcl run ({holder}); wait for it to end "
+                               "or choose another output_dir") from None
+            # A run that could not start removes its lock file (release below); a process that
+            # opened that file just before holds a lock on a file no longer in the folder. Lock the
+            # file that is there now, or try again.
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(handle.fileno()).st_ino:
+                break
             handle.close()
-            raise RunError(f"{self.root} is in use by another clipcl run ({holder}); wait for it to end or "
-                           "choose another output_dir") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -86,9 +97,10 @@ class RunLock:
         self._handle = None
 
 
-def previous_run(directory: RunDirectory) -> dict[str, Any] | None:
+def previous_run(directory: RunDirectory, restart: bool = False) -> dict[str, Any] | None:
     """What an earlier run left in ``directory``: ``{"config_digest", "measured", "finished"}``, None for
-    an empty or new folder. Refuses a folder clipcl did not make, and damaged progress or results."""
+    an empty or new folder. Refuses a folder clipcl did not make, and damaged progress or results
+    unless ``restart`` (then a clipcl folder with damaged files is simply replaced)."""
     root = directory.root
     if not root.exists():
         return None
@@ -100,11 +112,25 @@ def previous_run(directory: RunDirectory) -> dict[str, Any] | None:
     if not entries:
         return None
     marker = root / MARKER_NAME
-    progress = read_json_file(directory.progress) if directory.progress.exists() else None
-    results = read_json_file(directory.results) if directory.results.exists() else None
+
+    def read(path: Path) -> Any:
+        if not path.exists():
+            return None
+        try:
+            return read_json_file(path)
+        except RunError:
+            if restart and marker.exists():
+                # A clipcl run (its marker is there) with a damaged file: --restart discards it anyway.
+                # Without the marker the folder may be somebody else's: refuse, never delete.
+                return {"damaged": True}
+            raise
+
+    progress, results = read(directory.progress), read(directory.results)
     digest = None
     if marker.exists():
-        data = read_json_file(marker)
+        data = read(marker)
+        if restart and data == {"damaged": True}:
+            data = {"format": MARKER_FORMAT}
         if not isinstance(data, dict) or data.get("format") != MARKER_FORMAT:
             raise RunError(f"{marker} is not a clipcl run marker; choose another output_dir")
         digest = data.get("config_digest")
@@ -114,10 +140,10 @@ def previous_run(directory: RunDirectory) -> dict[str, Any] | None:
         raise RunError(f"output_dir {root} is not empty and was not made by clipcl (no {MARKER_NAME}); "
                        "choose another output_dir")
     for path, data in ((directory.progress, progress), (directory.results, results)):
-        if data is not None and not isinstance(data, dict):
+        if data is not None and not isinstance(data, dict) and not restart:
             raise RunError(f"{path} is damaged (not a JSON object); pass --restart to start this run over")
     return {"config_digest": digest, "measured": progress is not None or results is not None,
-            "finished": results is not None, "progress": progress or {}}
+            "finished": results is not None, "progress": progress if isinstance(progress, dict) else {}}
 
 
 def replace_outputs(directory: RunDirectory) -> None:

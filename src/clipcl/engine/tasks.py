@@ -271,7 +271,7 @@ def build_results(context: RunContext, progress: dict[str, Any]) -> dict[str, An
             "after_each_task": progress["heldout_rows"],
         },
         "retrieval": {
-            "sets": list(progress.get("zero_shot_retrieval", {})),
+            "sets": [captioned.name for captioned in context.retrieval_sets],
             "zero_shot": progress.get("zero_shot_retrieval", {}),
             "after_each_task": progress.get("retrieval_rows", []),
             "unit": "percent",

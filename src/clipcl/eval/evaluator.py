@@ -87,7 +87,7 @@ def encode_dataset(
     indices = runtime.shard(list(range(len(dataset))))
     labels = dataset.labels[indices] if len(indices) else np.zeros(0, dtype=np.int64)
     cache_key = None
-    if image_key is not None and cache is not None:
+    if image_key is not None and cache is not None and cache.enabled:
         cache_key = FeatureCache.key_for(image_key, dataset, runtime)
         cached = cache.get(cache_key, rows=len(indices))
         if cached is not None:
