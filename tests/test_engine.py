@@ -105,8 +105,10 @@ def _sync_in_process(rank: int, world_size: int, output: str) -> None:
         runtime.sync_gradients(parameters)
         if rank == 0:
             torch.save([p.grad for p in parameters], output)
-    finally:
-        runtime.close()
+    except BaseException:
+        runtime.close(synchronise=False)
+        raise
+    runtime.close()
 
 
 def test_gradient_average_covers_parameters_that_only_one_process_has(tmp_path):
@@ -272,8 +274,10 @@ def _fit_in_process(rank: int, world_size: int, output: str) -> None:
         fit_autoencoder(autoencoder, features, steps=15, lr=1e-2, batch_size=16, seed=2, runtime=runtime)
         if rank == 0:
             torch.save(autoencoder.state_dict(), output)
-    finally:
-        runtime.close()
+    except BaseException:
+        runtime.close(synchronise=False)
+        raise
+    runtime.close()
 
 
 def test_ddas_autoencoder_fit_under_two_processes_equals_one(tmp_path):

@@ -128,8 +128,10 @@ def _worker(rank: int, config: RunConfig, kwargs: dict[str, Any], user_errors) -
                                      config.train.precision)
         try:
             _run(config, runtime, **kwargs)
-        finally:
-            runtime.close()
+        except BaseException:
+            runtime.close(synchronise=False)
+            raise
+        runtime.close()
     except (UserError, OSError) as error:  # what the command reports in one line, not as a bug
         if isinstance(error, OSError) and error.strerror:
             message = f"{error.filename}: {error.strerror}" if error.filename is not None else error.strerror

@@ -123,7 +123,7 @@ class Runtime:
         """This process's share of a list of indices (all of it in one process)."""
         return items
 
-    def close(self) -> None:
+    def close(self, synchronise: bool = True) -> None:
         pass
 
 
@@ -178,8 +178,14 @@ class DistributedRuntime(Runtime):
     def shard(self, items: list[int]) -> list[int]:
         return items[self.rank:: self.world_size]
 
-    def close(self) -> None:
+    def close(self, synchronise: bool = True) -> None:
+        """Leave the process group. ``synchronise`` (a normal end): wait for every process first, so
+        no collective is still in flight when the group goes; gloo aborts a process (SIGABRT) whose
+        peer tears the connection down in the middle of one. False after an error: the other
+        processes may never arrive."""
         if dist.is_initialized():
+            if synchronise:
+                dist.barrier()
             dist.destroy_process_group()
 
 
