@@ -76,7 +76,7 @@ def main() -> None:
         strategy, optimizer = strategies[name], optimizers[name]
         strategy.train()
         started = time.perf_counter()
-        loss = strategy(batch_by_hand(strategy, images, targets), task)["loss"]
+        loss = strategy(batch_by_hand(strategy, images, targets, task=task), task)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

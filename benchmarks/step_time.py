@@ -115,7 +115,7 @@ def main() -> None:
                 started = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss = strategy(batch_by_hand(strategy, images, targets), task)["loss"]
+                    loss = strategy(batch_by_hand(strategy, images, targets, task=task), task)["loss"]
                 if scaler is None:
                     loss.backward()
                     optimizer.step()

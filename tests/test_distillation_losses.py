@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from clipcl.config import StreamConfig
+from clipcl.config import ConfigError, StreamConfig
 from clipcl.data.base import DataError
 from clipcl.data.resources import classnames_and_templates
-from clipcl.data.sources import ReferenceSource
+from clipcl.data.sources import CURRENT_TASK, ReferenceSource
 from clipcl.data.streams import build_stream
 from clipcl.engine.runtime import Runtime
 from clipcl.models.tiny import tiny_open_clip_backend
@@ -145,26 +145,49 @@ def test_vr_lwf_loss_matches_independent_computation(stream):
     assert abs(outputs["loss"].item() - expected.item()) < TOLERANCE
 
 
-def test_vr_lwf_zscl_variant_draws_one_vocabulary_per_task(stream):
+def test_vr_lwf_zscl_variant_matches_lwf_vr(stream):
+    """ZSCL's LwF-VR: one vocabulary per task, label smoothing 0.2 on the training batch, and the
+    distillation on a separate batch of the current task's images under the evaluation transform."""
     torch.manual_seed(0)
     task = stream.tasks[0]
     backend = tiny_open_clip_backend(seed=0)
     strategy = VRLwF(backend, VRLwFConfig(name="vr_lwf", variant="zscl"))
+    spec = strategy.sources()["current_images"]
+    assert spec.dataset == CURRENT_TASK and spec.preprocess == "eval"
+    source = ReferenceSource(spec, root=None)
+    strategy.attach(Runtime(torch.device("cpu")), None, {"current_images": source})
     strategy.before_task(task)
     teacher = copy.deepcopy(backend).eval()
     tokens = strategy._fixed_tokens
     assert tokens.shape == (1000, backend.context_length)
     perturb(backend, seed=3)
     images, targets = batch(backend, task)
+    source.use_dataset(task.train)  # what the engine does when the task starts
+    source.start(backend, seed=7, count=len(images))
+    separate = source.next_batch()["images"]
+    # The separate batch is task images under the evaluation transform, not the training batch.
+    assert any(torch.equal(separate[0], backend.preprocess(task.train[index][0])) for index in range(len(task.train)))
+    assert not torch.equal(separate, images)
     with torch.no_grad():
-        outputs = strategy({"images": images, "targets": targets}, task)
+        outputs = strategy({"images": images, "targets": targets, "current_images": {"images": separate}}, task)
         assert torch.equal(strategy._fixed_tokens, tokens)
+        classes = unit(backend.encode_text(first_prompts(backend, task.classes)))
+        ce = cross_entropy(backend.logit_scale.exp() * unit(backend.encode_image(images)) @ classes.t(), targets, 0.2)
         pseudo = unit(teacher.encode_text(tokens))  # ZSCL's code: the teacher encodes the texts
-        student = backend.logit_scale.exp() * unit(backend.encode_image(images)) @ pseudo.t()
-        reference = teacher.logit_scale.exp() * unit(teacher.encode_image(images)) @ pseudo.t()
+        student = backend.logit_scale.exp() * unit(backend.encode_image(separate)) @ pseudo.t()
+        reference = teacher.logit_scale.exp() * unit(teacher.encode_image(separate)) @ pseudo.t()
         replay = kl_teacher_student(student, reference, 2.0) + kl_teacher_student(student.t(), reference.t(), 2.0)
     assert replay > 1e-4
+    assert abs(outputs["ce"].item() - ce.item()) < TOLERANCE
     assert abs(outputs["replay"].item() - replay.item()) < TOLERANCE
+    assert abs(outputs["loss"].item() - (ce + replay).item()) < TOLERANCE
+
+
+def test_vr_lwf_distill_images_batch_needs_no_source():
+    backend = tiny_open_clip_backend(seed=0)
+    assert VRLwF(backend, VRLwFConfig(name="vr_lwf", variant="zscl", distill_images="batch")).sources() == {}
+    with pytest.raises(ConfigError, match="distill_images"):
+        VRLwFConfig(name="vr_lwf", distill_images="reference")
 
 
 # --- ZSCL ---------------------------------------------------------------------------------------

@@ -51,8 +51,8 @@ def build(config):
     return strategy, stream
 
 
-def batch_of(strategy, images, targets):
-    return batch_by_hand(strategy, images, targets)
+def batch_of(strategy, images, targets, task):
+    return batch_by_hand(strategy, images, targets, task=task)
 
 
 @pytest.mark.parametrize("case, section, trains", CASES, ids=[case[0] for case in CASES])
@@ -81,7 +81,7 @@ def test_overfits_one_batch_and_leaves_frozen_parameters(case, section, trains, 
     strategy.train()
     losses = []
     for _ in range(30):
-        loss = strategy(batch_of(strategy, images, targets), task)["loss"]
+        loss = strategy(batch_of(strategy, images, targets, task), task)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -107,7 +107,7 @@ def test_checkpoint_round_trip(case, section, trains, tiny_run_config, tmp_path)
         images = torch.stack([view[i][0] for i in range(8)])
         targets = torch.tensor([view[i][1] for i in range(8)])
         optimizer = torch.optim.SGD(strategy.trainable_parameters(), lr=0.1)
-        strategy(batch_of(strategy, images, targets), task)["loss"].backward()
+        strategy(batch_of(strategy, images, targets, task), task)["loss"].backward()
         optimizer.step()
     strategy.after_task(task)
     path = tmp_path / "after_task_00.safetensors"

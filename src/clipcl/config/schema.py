@@ -17,7 +17,7 @@ class ConfigError(UserError, ValueError):
 
 BACKENDS = ("starter", "open_clip", "hf")
 """Valid values of ``model.backend``."""
-LR_SCHEDULES = ("cosine", "constant")
+LR_SCHEDULES = ("cosine", "constant", "step")
 PROTOCOLS = ("class_incremental", "multi_domain", "xtail", "si_blurry")
 """Valid values of ``stream.protocol``."""
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -171,9 +171,16 @@ class TrainConfig:
     online_iter: int = 1
     """si_blurry: optimiser steps on each incoming batch (Si-Blurry's ``online_iter``)."""
     lr_schedule: str | None = None
-    """``cosine`` (linear warm-up, then cosine decay to zero over each experience's steps) or
-    ``constant`` (warm-up, then the peak rate). None: cosine for task streams, constant for online
-    streams (whose end the learner is not told; the online schedule spans the stream's length)."""
+    """``cosine`` (linear warm-up, then cosine decay to zero over each experience's steps),
+    ``constant`` (warm-up, then the peak rate) or ``step`` (warm-up, then the rate times
+    ``lr_step_gamma`` every ``lr_step_epochs`` epochs: ``StepLR``, as Ding et al. train; task streams
+    only). None: cosine for task streams, constant for online streams (whose end the learner is not
+    told; the online schedule spans the stream's length)."""
+    lr_step_epochs: float = 10.0
+    """``step`` schedule: epochs between two cuts (a fraction of an epoch is allowed; the cut falls
+    on the nearest optimizer step, and on step 1 at the earliest)."""
+    lr_step_gamma: float = 0.1
+    """``step`` schedule: the factor of each cut."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -195,6 +202,8 @@ class TrainConfig:
         check_integer("train.online_iter", self.online_iter, 1)
         if self.lr_schedule is not None:
             check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_number("train.lr_step_epochs", self.lr_step_epochs, 0.0, low_open=True)
+        check_number("train.lr_step_gamma", self.lr_step_gamma, 0.0, low_open=True)
         # Every process takes an equal slice of each global batch (clipcl.engine.batches.GlobalBatchSampler).
         if self.batch_size % self.devices:
             raise ConfigError(f"train.batch_size ({self.batch_size}) must be divisible by train.devices "
@@ -304,6 +313,9 @@ class RunConfig:
                 online = ", ".join(key for key, cls in STRATEGIES.items() if not cls.needs_task_boundaries)
                 raise ConfigError(f"strategy.name: {name!r} needs task boundaries; stream.protocol=si_blurry has "
                                   f"none (online strategies: {online})")
+            if self.train.lr_schedule == "step":
+                raise ConfigError("train.lr_schedule: step cuts the rate every few epochs; stream.protocol=si_blurry "
+                                  "has no epochs (use cosine or constant)")
 
     @property
     def label(self) -> str:

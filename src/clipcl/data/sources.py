@@ -23,6 +23,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from clipcl.data.base import ClassificationDataset, DataError, SubsetDataset
 
 PREPROCESSING = ("train", "eval")
+CURRENT_TASK = "current_task"
+"""A reference set's ``dataset`` that means the training set of the task being trained (ZSCL's
+``--ref-dataset`` set to the current dataset, as its LwF and LwF-VR scripts do); task streams only."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,8 @@ class ReferenceSpec:
     """A reference set a method declares."""
 
     dataset: str
-    """Registry name of the images (its train split); any ``load_dataset`` name."""
+    """Registry name of the images (its train split); any ``load_dataset`` name, or
+    :data:`CURRENT_TASK` for the training images of the task being trained."""
     samples: int | None = None
     """Keep at most this many images (a fixed, seeded subset); None keeps all."""
     texts_dataset: str | None = None
@@ -148,9 +152,23 @@ class ReferenceSource(_PerStepSource):
         if spec.preprocess not in PREPROCESSING:
             raise DataError(f"reference preprocess must be one of {', '.join(PREPROCESSING)}, got {spec.preprocess!r}")
         self.spec, self.num_workers = spec, num_workers
-        dataset = load_dataset(spec.dataset, "train", root=root)
+        self.texts = reference_prompts(spec.texts_dataset, root) if spec.texts_dataset else []
+        self._images: _ReferenceImages | None = None
+        self._batches = None
+        self.full_dataset = self.dataset = self.indices = None
+        if not self.follows_task:
+            self.use_dataset(load_dataset(spec.dataset, "train", root=root))
+
+    @property
+    def follows_task(self) -> bool:
+        """Whether the images are the current task's training set (set by :meth:`use_dataset` per task)."""
+        return self.spec.dataset == CURRENT_TASK
+
+    def use_dataset(self, dataset: ClassificationDataset) -> None:
+        """Draw from ``dataset`` (a seeded subset of ``spec.samples`` images when set)."""
         if len(dataset) == 0:
-            raise DataError(f"reference dataset {spec.dataset} has no images")
+            raise DataError(f"reference dataset {getattr(dataset, 'name', self.spec.dataset)} has no images")
+        spec = self.spec
         indices = torch.arange(len(dataset))
         if spec.samples is not None and spec.samples < len(dataset):
             chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
@@ -158,9 +176,7 @@ class ReferenceSource(_PerStepSource):
         self.full_dataset = dataset
         self.indices = indices
         self.dataset = dataset if len(indices) == len(dataset) else SubsetDataset(dataset, indices.numpy())
-        self.texts = reference_prompts(spec.texts_dataset, root) if spec.texts_dataset else []
-        self._images: _ReferenceImages | None = None
-        self._batches = None
+        self._images = None  # the preprocessed-image cache belongs to the previous dataset
 
     @property
     def name(self) -> str:
@@ -170,6 +186,8 @@ class ReferenceSource(_PerStepSource):
         """Begin an experience's per-step draws: ``count`` images a step, from generator ``seed``,
         leaving out the first ``skip`` draws (those a resumed run already trained on)."""
         spec = self.spec
+        if self.full_dataset is None:
+            raise RuntimeError(f"reference source {spec.dataset}: use_dataset(task.train) before start()")
         augmented = spec.preprocess == "train"
         if self._images is None or self._images.augmented != augmented:
             transform = backend.train_preprocess if augmented else backend.preprocess

@@ -156,6 +156,8 @@ def data_fingerprints(stream, sources: dict[str, Any], retrieval_sets: list[Any]
 
 def _source_fingerprint(source) -> str:
     """A reference source's images and texts, or a caption source's pairs (paths relative to the file)."""
+    if getattr(source, "follows_task", False):
+        return "the current task's training set|" + json.dumps(source.texts)  # fingerprinted as a task
     dataset = source.dataset
     if hasattr(dataset, "fingerprint"):
         return dataset.fingerprint() + "|" + json.dumps(getattr(source, "texts", []))
@@ -209,13 +211,18 @@ def attach_by_hand(strategy, runtime: Runtime | None = None, cache=None, data_ro
     return strategy
 
 
-def batch_by_hand(strategy, images: torch.Tensor, targets: torch.Tensor, seed: int = 0) -> dict:
+def batch_by_hand(strategy, images: torch.Tensor, targets: torch.Tensor, seed: int = 0, task=None) -> dict:
     """A training batch as the trainer builds it for a strategy attached by :func:`attach_by_hand`:
-    the images and targets plus a draw of every per-step source (started at first use)."""
+    the images and targets plus a draw of every per-step source (started at first use; a source of
+    the current task's images draws from ``task.train``)."""
     batch = {"images": images, "targets": targets}
     for name, source in strategy.source_data.items():
         if source.spec.per_step:
             if not source.started:
+                if getattr(source, "follows_task", False):
+                    if task is None:
+                        raise ValueError(f"source {name} draws the current task's images: pass task=")
+                    source.use_dataset(task.train)
                 source.start(strategy.backend, seed=seed, count=len(images))
             batch[name] = {key: value.to(images.device) if isinstance(value, torch.Tensor) else value
                            for key, value in source.next_batch().items()}

@@ -206,6 +206,9 @@ def run_online_stream(context: RunContext, stop_after_samples: int | None) -> di
         seeds = progress.setdefault("source_seeds", {name: int(torch.randint(0, 2**62, (1,)).item())
                                                      for name in context.step_sources})
         for name, source in context.step_sources.items():
+            if getattr(source, "follows_task", False):
+                raise RunError(f"source {name}: the current task's images are a task-stream source; an online "
+                               "stream has no current task")
             count = train_config.batch_size // runtime.world_size
             source.start(strategy.backend, seeds[name], count, skip=progress["forward_calls"])
         trainer.step_sources = context.step_sources

@@ -61,9 +61,12 @@ def train_task(context: RunContext, task, images: StreamImages) -> ExperienceSta
     stats = ExperienceStats()
     batches = task_batches(context, task)
     total_steps = max(1, len(batches) // config.grad_accumulation)
-    if not trainer.begin(total_steps, config.lr_schedule or "cosine"):
+    steps_per_epoch = batches.batches_per_epoch / config.grad_accumulation
+    if not trainer.begin(total_steps, config.lr_schedule or "cosine", steps_per_epoch):
         return stats
     for source in context.step_sources.values():
+        if getattr(source, "follows_task", False):
+            source.use_dataset(task.train)
         # Seeded from the global generator, which the run seeds per task: the same draws on resume
         # and on every process.
         source.start(context.strategy.backend, int(torch.randint(0, 2**62, (1,)).item()), batches.per_process_batch)

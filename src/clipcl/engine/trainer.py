@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clipcl.config import TrainConfig
+from clipcl.config import ConfigError, TrainConfig
 from clipcl.engine.runtime import Runtime
 from clipcl.errors import UserError
 
@@ -26,15 +26,22 @@ from clipcl.errors import UserError
 class TrainingDiverged(UserError, FloatingPointError):
     """The loss became NaN or infinite."""
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "step")
 
 
-def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine") -> float:
-    """Linear warm-up, then cosine decay to zero at ``total_steps`` (or a constant rate)."""
+def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine",
+                         step_size: int | None = None, gamma: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay to zero at ``total_steps``, a constant rate, or (``step``) the
+    rate times ``gamma`` after every ``step_size`` optimizer steps (counted from the first step, as
+    ``torch.optim.lr_scheduler.StepLR`` counts them)."""
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
+    if schedule == "step":
+        if step_size is None:
+            raise ValueError("the step schedule needs a step size")
+        return gamma ** (step // step_size)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -73,8 +80,9 @@ class Trainer:
         self.class_of = None
 
     # --- an experience ------------------------------------------------------------------------
-    def begin(self, total_steps: int, schedule: str = "cosine") -> bool:
-        """A fresh optimizer and schedule; False when the method has nothing to train."""
+    def begin(self, total_steps: int, schedule: str = "cosine", steps_per_epoch: float | None = None) -> bool:
+        """A fresh optimizer and schedule; False when the method has nothing to train.
+        ``steps_per_epoch`` (optimizer steps) places the cuts of the ``step`` schedule."""
         self.parameters = self.strategy.trainable_parameters()
         self.optimizer = self.scheduler = None
         if not self.parameters:
@@ -83,8 +91,15 @@ class Trainer:
         self.runtime.start_task()
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
         total = max(total_steps, 1)
+        step_size = None
+        if schedule == "step":
+            if steps_per_epoch is None:
+                raise ConfigError("train.lr_schedule=step cuts the rate every few epochs; an online stream "
+                                  "has no epochs (use cosine or constant)")
+            step_size = max(1, round(config.lr_step_epochs * steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: learning_rate_factor(step, total, config.warmup_steps, schedule))
+            self.optimizer, lambda step: learning_rate_factor(step, total, config.warmup_steps, schedule,
+                                                              step_size, config.lr_step_gamma))
         return True
 
     def device_batch(self, batch: dict, experience) -> dict:

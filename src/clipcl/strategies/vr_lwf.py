@@ -21,7 +21,10 @@ Two variants:
 - ``zscl``: "LwF-VR" as ZSCL (Zheng et al. 2023) re-implemented it for its MTIL tables: 1,000
   random sequences of 10 tokens drawn once per task, T = 2 (KL scaled by T^2), distillation over
   the rows *and* the columns of the logit matrix, each with weight 1, no class-prompt term, and the
-  pseudo-texts encoded by the frozen teacher only (so the term trains the image tower alone).
+  pseudo-texts encoded by the frozen teacher only (so the term trains the image tower alone). The
+  distillation sees its own batch of the current task's training images, drawn separately and
+  taken with the evaluation transform (ZSCL's reference set is the current dataset), and the
+  cross-entropy uses label smoothing 0.2 (``scripts/lwf_vr.sh``).
 
 Every option can be overridden; ``None`` means "the variant's value".
 """
@@ -33,6 +36,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from clipcl.config import ConfigError
+from clipcl.data.sources import CURRENT_TASK, ReferenceSpec
 from clipcl.losses import classification_loss, clip_logits, distillation_kl, normalize
 from clipcl.strategies.base import class_text_features
 from clipcl.strategies.finetune import Finetune, FinetuneConfig
@@ -43,23 +47,24 @@ VARIANTS: dict[str, dict[str, object]] = {
     # LwF_KL(T=1), one direction, a new vocabulary per batch (get_PseudoCls in the training loop).
     "ding2022": {"alpha": 0.5, "temperature": 1.0, "pseudo_texts": 100, "pseudo_length": 8,
                  "resample_every_batch": True, "text_to_image": False, "seen_classes_kl": True,
-                 "distill_text_tower": True},
+                 "distill_text_tower": True, "distill_images": "batch", "label_smoothing": 0.0},
     # ZSCL's code: virtual_vocab(length=10, n_class=1000) once per run of a task, --T 2 (default),
-    # --image_loss --text_loss (weight 1 each), reference texts encoded by the reference model.
+    # --image_loss --text_loss (weight 1 each), reference texts encoded by the reference model,
+    # --ref-dataset the current dataset (its own loader, test_preprocess), --ls 0.2.
     "zscl": {"alpha": 1.0, "temperature": 2.0, "pseudo_texts": 1000, "pseudo_length": 10,
              "resample_every_batch": False, "text_to_image": True, "seen_classes_kl": False,
-             "distill_text_tower": False},
+             "distill_text_tower": False, "distill_images": "current_task", "label_smoothing": 0.2},
 }
+DISTILL_IMAGES = ("batch", "current_task")
 
 
 @dataclass
 class VRLwFConfig(FinetuneConfig):
     """Ding et al.'s optimiser settings (``main.py``): Adam, lr 1e-6, batch 100, 15 epochs, no label
-    smoothing (the ``label_smoothing`` default, 0). They belong in the ``train`` section (AdamW with
-    weight decay 0 is Adam). Their scheduler cuts the lr 10x after 10 epochs only in one-session runs
-    (``vrd.py`` steps it in that branch only; multi-session runs keep the lr constant): clipcl has no
-    step schedule, so one-session runs cannot reproduce it, and multi-session runs need
-    ``train.lr_schedule=constant`` (docs/fidelity.md, A2). Ding also trains the logit scale
+    smoothing. They belong in the ``train`` section (AdamW with weight decay 0 is Adam). Their
+    scheduler cuts the lr 10x after 10 epochs only in one-session runs (``vrd.py`` steps it in that
+    branch only): ``train.lr_schedule=step train.lr_step_epochs=10``; multi-session runs keep the lr
+    constant: ``train.lr_schedule=constant`` (docs/fidelity.md, A2). Ding also trains the logit scale
     (``train_logit_scale: true``, which configs/vr_lwf.yaml sets)."""
 
     variant: str = "ding2022"
@@ -88,6 +93,17 @@ class VRLwFConfig(FinetuneConfig):
     """Encode the pseudo-texts with the student's own text tower (ding2022) or take the teacher's
     pseudo-text features on both sides, so only the image tower gets the term's gradient (zscl, as
     ZSCL's code does)."""
+    distill_images: str | None = None
+    """The images the distillation sees: ``batch`` (the training batch itself, ding2022) or
+    ``current_task`` (a separate batch of the current task's training images, drawn with its own
+    seeded sampler and taken with the evaluation transform, zscl: ZSCL's ``--ref-dataset`` is the
+    current dataset, read through ``test_preprocess``)."""
+    distill_batch_size: int | None = None
+    """``current_task``: images per distillation batch (None: the training batch's size, as ZSCL's
+    reference loader uses ``--batch-size``)."""
+    label_smoothing: float | None = None
+    """Label smoothing of the cross-entropy. ding2022: 0 (Ding's code has none); zscl: 0.2
+    (``--ls 0.2`` in ``scripts/lwf_vr.sh``)."""
 
     def validate(self) -> None:
         _resolved(self)  # checks the variant and the values it resolves to
@@ -145,6 +161,13 @@ def _resolved(config: VRLwFConfig) -> dict[str, object]:
     for name in ("resample_every_batch", "text_to_image", "seen_classes_kl", "distill_text_tower"):
         if not isinstance(values[name], bool):
             raise ConfigError(f"strategy.{name}: expected true or false, got {values[name]!r}")
+    if values["distill_images"] not in DISTILL_IMAGES:
+        raise ConfigError(f"strategy.distill_images must be one of {', '.join(DISTILL_IMAGES)}, "
+                          f"got {values['distill_images']!r}")
+    if not 0.0 <= float(values["label_smoothing"]) < 1.0:
+        raise ConfigError(f"strategy.label_smoothing must be in [0, 1), got {values['label_smoothing']}")
+    if config.distill_batch_size is not None and config.distill_batch_size < 1:
+        raise ConfigError(f"strategy.distill_batch_size must be >= 1 (or null), got {config.distill_batch_size}")
     if float(values["alpha"]) < 0:
         raise ConfigError(f"strategy.alpha must be >= 0, got {values['alpha']}")
     if float(values["temperature"]) <= 0:
@@ -177,6 +200,13 @@ class VRLwF(Finetune):
         self._old_classes: list = []
         self._teacher_class_text: torch.Tensor | None = None
         self._frozen_old_text: torch.Tensor | None = None
+
+    def sources(self) -> dict:
+        if self.settings["distill_images"] != "current_task":
+            return {}
+        # The evaluation transform is deterministic, so preprocessed images can be kept and reused.
+        return {"current_images": ReferenceSpec(dataset=CURRENT_TASK, batch_size=self.config.distill_batch_size,
+                                                preprocess="eval", cache_mb=1024)}
 
     # --- task boundaries ------------------------------------------------------------------------
     def restore_structure(self, completed) -> None:
@@ -249,11 +279,17 @@ class VRLwF(Finetune):
         image_features = normalize(self.backend.encode_image(images))
         class_features = self.task_text_features(task)
         logits = clip_logits(image_features, class_features, scale)
-        ce = classification_loss(logits, targets, self.config.label_smoothing)
+        ce = classification_loss(logits, targets, float(settings["label_smoothing"]))
 
-        teacher_images = self._teacher.image_features(images)
+        if settings["distill_images"] == "current_task":
+            # ZSCL's LwF-VR: the distillation terms see their own draw of the task's images.
+            distilled = batch["current_images"]["images"]
+            distilled_features = normalize(self.backend.encode_image(distilled))
+        else:
+            distilled, distilled_features = images, image_features
+        teacher_images = self._teacher.image_features(distilled)
         student_pseudo, teacher_pseudo = self.pseudo_text_features()
-        pseudo_logits = clip_logits(image_features, student_pseudo, scale)
+        pseudo_logits = clip_logits(distilled_features, student_pseudo, scale)
         teacher_pseudo_logits = self._teacher.logits(teacher_images, teacher_pseudo)
         replay = distillation_kl(pseudo_logits, teacher_pseudo_logits, temperature)
         if settings["text_to_image"]:
@@ -264,7 +300,7 @@ class VRLwF(Finetune):
             old = self._frozen_old_text
             if old is None:
                 old = class_text_features(self.backend, self._old_classes, ensemble=False)
-            seen_logits = clip_logits(image_features, torch.cat([old, class_features]), scale)
+            seen_logits = clip_logits(distilled_features, torch.cat([old, class_features]), scale)
             teacher_seen_logits = self._teacher.logits(teacher_images, self._teacher_class_text)
             seen = distillation_kl(seen_logits, teacher_seen_logits, temperature)
 
