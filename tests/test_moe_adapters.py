@@ -296,3 +296,159 @@ def test_resume_gives_the_same_results(tiny_run_config, tmp_path):
     assert resumed["accuracy"]["matrix"] == full["accuracy"]["matrix"]
     assert resumed["strategy_report"]["parameters"] == full["strategy_report"]["parameters"]
     assert resumed["strategy_report"]["routing"]["trained_tasks"] == full["strategy_report"]["routing"]["trained_tasks"]
+
+
+# --- DDAS autoencoder shapes and recipes, against computations written out here --------------------------
+
+
+def _fixed_autoencoder(shape):
+    from clipcl.strategies.ddas import FeatureAutoencoder
+
+    autoencoder = FeatureAutoencoder(4, 3, shape).double()
+    with torch.no_grad():
+        autoencoder.encoder.weight.copy_(torch.tensor([[0.5, -1.0, 0.25, 2.0], [1.5, 0.5, -0.5, 0.0],
+                                                       [-2.0, 1.0, 1.0, -0.25]], dtype=torch.float64))
+        autoencoder.encoder.bias.copy_(torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64))
+        autoencoder.decoder.weight.copy_(torch.tensor([[1.0, -0.5, 0.5], [0.0, 2.0, -1.0], [0.75, 0.25, 0.0],
+                                                       [-1.0, 0.0, 1.5]], dtype=torch.float64))
+        autoencoder.decoder.bias.copy_(torch.tensor([0.0, 0.5, -0.5, 0.25], dtype=torch.float64))
+    return autoencoder
+
+
+FIXED_FEATURES = [[0.2, -0.4, 1.0, 0.0], [-1.5, 0.3, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0]]
+
+
+def _hand_errors(shape):
+    """Row by row in plain Python floats: the official code's sigmoid input, its layers and its MSE."""
+    import math
+
+    autoencoder = _fixed_autoencoder(shape)
+    w1, b1 = autoencoder.encoder.weight.tolist(), autoencoder.encoder.bias.tolist()
+    w2, b2 = autoencoder.decoder.weight.tolist(), autoencoder.decoder.bias.tolist()
+
+    def sigmoid(value):
+        return 1.0 / (1.0 + math.exp(-value))
+
+    errors = []
+    for row in FIXED_FEATURES:
+        target = [sigmoid(v) for v in row] if shape == "official" else list(row)
+        hidden = [max(0.0, sum(w * t for w, t in zip(weights, target)) + bias) for weights, bias in zip(w1, b1)]
+        output = [sum(w * h for w, h in zip(weights, hidden)) + bias for weights, bias in zip(w2, b2)]
+        if shape == "official":
+            output = [sigmoid(v) for v in output]
+        errors.append(sum((o - t) ** 2 for o, t in zip(output, target)) / len(target))
+    return errors
+
+
+@pytest.mark.parametrize("shape", ["official", "relu_mlp"])
+def test_ddas_autoencoder_error_is_the_hand_computation(shape):
+    autoencoder = _fixed_autoencoder(shape).requires_grad_(False)
+    features = torch.tensor(FIXED_FEATURES, dtype=torch.float64)
+    errors = autoencoder.errors(features)
+    assert errors.tolist() == pytest.approx(_hand_errors(shape), rel=1e-12, abs=0)
+    # The training loss of a batch (the mean of its rows' errors) is torch's MSELoss over the batch, the
+    # official criterion, on (sigmoid-)targets.
+    target = torch.sigmoid(features) if shape == "official" else features
+    output = autoencoder.decoder(torch.relu(autoencoder.encoder(target)))
+    if shape == "official":
+        output = torch.sigmoid(output)
+    assert float(errors.mean()) == pytest.approx(float(nn.MSELoss()(output, target)), rel=1e-12)
+
+
+def test_ddas_official_recipe_steps_adam_at_the_official_rates(monkeypatch):
+    """Adam with weight decay 1e-4 at lr 0.01, x0.1 after 10 and after 20 epochs (epochs of 100 rows in
+    batches of 64: 2 steps each), read from the optimizer the runtime really steps."""
+    import clipcl.engine.runtime as runtime_module
+    from clipcl.strategies.moe_adapters import MoEAdaptersConfig
+
+    recipe = MoEAdaptersConfig().ddas_recipe()
+    assert recipe == {"lr": 1e-2, "weight_decay": 1e-4, "lr_decay_epochs": 10, "batch_size": 64,
+                      "reference_steps": 1000}
+    assert MoEAdaptersConfig().ddas_steps == 300 and MoEAdaptersConfig().ddas_shape == "official"
+    old = MoEAdaptersConfig(ddas_shape="relu_mlp").ddas_recipe()
+    assert old == {"lr": 1e-3, "weight_decay": 0.0, "lr_decay_epochs": 0, "batch_size": 128, "reference_steps": 300}
+    assert MoEAdaptersConfig(ddas_lr=0.5).ddas_recipe()["lr"] == 0.5  # a set value wins over the shape's
+
+    stepped = []
+
+    class RecordingAdam(torch.optim.Adam):
+        def step(self, closure=None):
+            group = self.param_groups[0]
+            stepped.append((group["lr"], group["weight_decay"]))
+            return super().step(closure)
+
+    monkeypatch.setattr(runtime_module.torch.optim, "Adam", RecordingAdam)
+    selector = DistributionSelector(6, hidden=3, with_reference=False)
+    features = torch.randn(100, 6, generator=torch.Generator().manual_seed(0))
+    selector.fit_task(features, features[:10], steps=42, lr=recipe["lr"], batch_size=recipe["batch_size"],
+                      quantile=0.95, seed=0, runtime=Runtime(torch.device("cpu")),
+                      weight_decay=recipe["weight_decay"], lr_decay_epochs=recipe["lr_decay_epochs"])
+    assert len(stepped) == 42
+    assert {decay for _, decay in stepped} == {1e-4}
+    lrs = [lr for lr, _ in stepped]
+    assert lrs[0] == lrs[19] == 1e-2  # epochs 0-9
+    assert lrs[20] == pytest.approx(1e-3, rel=1e-12) and lrs[39] == lrs[20]  # epochs 10-19
+    assert lrs[40] == pytest.approx(1e-4, rel=1e-12) and lrs[41] == lrs[40]  # epoch 20
+
+
+def test_ddas_official_batches_are_shuffled_epochs():
+    """Every epoch visits each training row once, in batches of 64 and a last smaller one."""
+    from clipcl.strategies.ddas import FeatureAutoencoder, fit_autoencoder
+
+    features = torch.arange(100, dtype=torch.float32).unsqueeze(-1).repeat(1, 4) / 100
+    autoencoder = FeatureAutoencoder(4, 2)
+    autoencoder.requires_grad_(True)
+    seen = []
+    errors = autoencoder.errors
+    autoencoder.errors = lambda rows: (seen.append(torch.round(rows[:, 0] * 100).long().tolist()), errors(rows))[1]
+    fit_autoencoder(autoencoder, features, steps=4, lr=1e-2, batch_size=64, seed=0, runtime=Runtime(torch.device("cpu")))
+    assert [len(batch) for batch in seen] == [64, 36, 64, 36]
+    assert sorted(seen[0] + seen[1]) == list(range(100)) == sorted(seen[2] + seen[3])
+    assert seen[0] != seen[2]  # a new order each epoch
+
+
+def test_ddas_relu_mlp_shape_reproduces_the_earlier_fit():
+    """``relu_mlp`` trains exactly as clipcl did before: batches of 128 drawn with replacement from a
+    seeded generator, constant-lr Adam without weight decay, on the per-row MSE of the raw features."""
+    from clipcl.strategies.ddas import FeatureAutoencoder, fit_autoencoder
+
+    features = torch.randn(200, 8, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(4)
+    ours = FeatureAutoencoder(8, 5, "relu_mlp")
+    encoder, decoder = nn.Linear(8, 5), nn.Linear(5, 8)
+    encoder.load_state_dict(ours.encoder.state_dict())
+    decoder.load_state_dict(ours.decoder.state_dict())
+    ours.requires_grad_(True)
+    fit_autoencoder(ours, features, steps=25, lr=1e-3, batch_size=128, seed=7, runtime=Runtime(torch.device("cpu")))
+
+    generator = torch.Generator().manual_seed(7)
+    optimizer = torch.optim.Adam(list(encoder.parameters()) + list(decoder.parameters()), lr=1e-3)
+    for _ in range(25):
+        batch = features[torch.randint(200, (128,), generator=generator)]
+        loss = (decoder(torch.relu(encoder(batch))) - batch).pow(2).mean(dim=-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.equal(ours.encoder.weight, encoder.weight) and torch.equal(ours.decoder.bias, decoder.bias)
+    assert torch.equal(ours.decoder.weight, decoder.weight) and torch.equal(ours.encoder.bias, encoder.bias)
+
+
+def test_ddas_official_shape_calibrates_on_unit_norm_features():
+    """On unit-norm embeddings the sigmoid is nearly affine and the errors are small; the per-task
+    quantile thresholds still route each domain to its own task and an unseen one to zero-shot."""
+    torch.manual_seed(0)
+    width = 32
+    centres = nn.functional.normalize(torch.randn(3, width), dim=-1)
+
+    def domain(index, count):
+        return nn.functional.normalize(centres[index] + 0.15 * torch.randn(count, width), dim=-1)
+
+    selector = DistributionSelector(width, hidden=8, with_reference=False)
+    for index in range(2):
+        fit = selector.fit_task(domain(index, 256), domain(index, 64), steps=120, lr=1e-2, batch_size=64,
+                                quantile=0.95, seed=index, runtime=Runtime(torch.device("cpu")),
+                                weight_decay=1e-4, lr_decay_epochs=10)
+        assert 0 < fit["threshold"] < 1e-2  # the error scale of sigmoid-squashed unit vectors
+    routes = torch.cat([selector.route(domain(index, 100)) for index in range(2)])
+    assert float((routes[:100] == 0).float().mean()) > 0.8 and float((routes[100:] == 1).float().mean()) > 0.8
+    assert float((selector.route(domain(2, 100)) == ZERO_SHOT).float().mean()) > 0.8

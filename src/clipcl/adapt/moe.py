@@ -3,10 +3,13 @@ Models via Mixture-of-Experts Adapters"), written for clipcl.
 
 Each adapted block gets ``E`` experts -- each an :class:`~clipcl.adapt.adapter.Adapter`
 ``up(dropout(relu(down(x))))`` with a bottleneck of 64, ``up`` initialised to zero, the mixture's output
-scaled by 0.1 -- and one or more routers. A router reads one vector per sample (the first token of the
-tensor the mixture reads: in a CLIP transformer block, the residual stream after attention, i.e. the
-input of the MLP's layer norm, as the official code; the spatial mean of a convolutional block's
-input), scores the experts with
+scaled by 0.1 -- and one or more routers. A router reads one vector per sample: the first token of the
+tensor the mixture reads. In a CLIP transformer block that tensor is the residual stream after
+attention, ``x + attn(ln_1(x))``, i.e. the input of the MLP's layer norm (captured by a pre-hook),
+not the block's input; the official code routes on the same vector (it adds attention to the stream,
+then takes the stream's first token: ``mtil/clip/model.py:465,474`` @ 4572d97). In a convolutional
+block it is the
+spatial mean of the block's input. The router scores the experts with
 noisy top-k gating (Shazeer et al. 2017: Gaussian noise whose scale is ``softplus(x W_noise) + 0.01``,
 only while training), keeps the k best, and the block's output gains the softmax-weighted sum of those
 k experts. Routing is per sample, so an image's output never depends on which other images share its
@@ -112,7 +115,9 @@ class MoEAdapter(AdaptationWrapper):
         return len(self.routers) - 1
 
     def route_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """The one vector per sample that the router reads."""
+        """The one vector per sample that the router reads, from ``x``, the tensor the mixture reads (for
+        a CLIP block the captured post-attention residual stream, not the block's input): its first
+        token (``bld``/``lbd``) or, for a feature map (``bchw``), its spatial mean."""
         if self.layout == "bld":
             return x[:, 0]
         if self.layout == "lbd":

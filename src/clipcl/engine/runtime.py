@@ -93,8 +93,12 @@ class Runtime:
         pass
 
     def fit(self, module: torch.nn.Module, loss_of_step: Callable[[int], torch.Tensor], steps: int,
-            lr: float) -> list[float]:
+            lr: float, weight_decay: float = 0.0,
+            lr_of_step: Callable[[int], float] | None = None) -> list[float]:
         """An inner fit (e.g. DDAS's autoencoders): ``steps`` Adam steps on ``loss_of_step(step)``.
+
+        Adam's own (L2) ``weight_decay``; ``lr_of_step(step)``, if given, sets the lr before each step
+        (``lr`` otherwise).
 
         The runtime owns the optimizer, ``backward`` and the gradient average over processes, so a
         method never does; in full precision, outside autocast. Every process must pass the same
@@ -102,10 +106,13 @@ class Runtime:
         so a 2-process fit equals a 1-process one. Returns the loss of every step.
         """
         parameters = [parameter for parameter in module.parameters() if parameter.requires_grad]
-        optimizer = torch.optim.Adam(parameters, lr=lr)
+        optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
         losses = []
         with torch.enable_grad():
             for step in range(steps):
+                if lr_of_step is not None:
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_of_step(step)
                 loss = loss_of_step(step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -30,7 +30,7 @@ from clipcl.config import ConfigError
 from clipcl.data.sources import ReferenceSpec
 from clipcl.losses import classification_loss, clip_logits, normalize
 from clipcl.strategies.base import Strategy, StrategyConfig, class_text_features, hash_module
-from clipcl.strategies.ddas import ZERO_SHOT, DistributionSelector
+from clipcl.strategies.ddas import RECIPES, SHAPES, ZERO_SHOT, DistributionSelector
 
 TOWERS = {"all": ("image", "text"), "image": ("image",), "text": ("text",)}
 ROUTERS = ("per_task", "shared")
@@ -60,14 +60,28 @@ class MoEAdaptersConfig(StrategyConfig):
     selector: str = "ddas"
     """Routing at test time: ``ddas`` (per-image autoencoders, zero-shot fallback) or ``none`` (the most
     recent router for every image)."""
+    ddas_shape: str = "official"
+    """The autoencoders' shape and training recipe (:mod:`clipcl.strategies.ddas`): ``official``
+    (sigmoid on the features, ``Linear -> ReLU -> Linear -> Sigmoid``, MSE, as the official code) or
+    ``relu_mlp`` (clipcl's earlier ``Linear -> ReLU -> Linear`` on the raw features; with the other
+    ``ddas_*`` settings unset it reproduces earlier clipcl numbers)."""
     ddas_hidden: int = 100
     """Hidden width of each autoencoder (100 in the official code)."""
     ddas_steps: int = 300
-    """Adam steps per task autoencoder (300 in the official code)."""
-    ddas_lr: float = 1e-3
-    """Adam learning rate of the autoencoders."""
-    ddas_batch_size: int = 128
-    """Mini-batch size of the autoencoders."""
+    """Adam steps per task autoencoder (300 iterations in the official script)."""
+    ddas_lr: float | None = None
+    """Adam learning rate of the autoencoders. None: the shape's own -- official 0.01 (the rate the
+    official code actually steps with), relu_mlp 1e-3."""
+    ddas_weight_decay: float | None = None
+    """Adam's (L2) weight decay of the autoencoders. None: official 1e-4, relu_mlp 0."""
+    ddas_lr_decay_epochs: int | None = None
+    """The lr is multiplied by 0.1 every this many epochs over the task's training features (0: a
+    constant lr). None: official 10, relu_mlp 0."""
+    ddas_batch_size: int | None = None
+    """Mini-batch size of the autoencoders. None: official 64, relu_mlp 128."""
+    ddas_reference_steps: int | None = None
+    """Adam steps of the pretraining-domain autoencoder (``ddas_reference``). None: official 1,000 (the
+    official script's Tiny-ImageNet autoencoder), relu_mlp ``ddas_steps``."""
     ddas_calibration_fraction: float = 0.2
     """Share of each task's training images held out from its autoencoder to calibrate its threshold."""
     ddas_quantile: float = 0.95
@@ -93,7 +107,25 @@ class MoEAdaptersConfig(StrategyConfig):
             raise ConfigError("strategy.ddas_calibration_fraction must be in [0, 1)")
         if not 0.0 < self.ddas_quantile <= 1.0:
             raise ConfigError("strategy.ddas_quantile must be in (0, 1]")
+        if self.ddas_shape not in SHAPES:
+            raise ConfigError(f"strategy.ddas_shape must be one of {', '.join(SHAPES)}, got {self.ddas_shape!r}")
+        recipe = self.ddas_recipe()
+        if recipe["lr"] <= 0 or recipe["weight_decay"] < 0 or recipe["lr_decay_epochs"] < 0:
+            raise ConfigError("strategy.ddas_lr must be > 0, ddas_weight_decay and ddas_lr_decay_epochs >= 0")
+        if recipe["batch_size"] < 1 or recipe["reference_steps"] < 1 or self.ddas_steps < 1:
+            raise ConfigError("strategy.ddas_batch_size, ddas_steps and ddas_reference_steps must be >= 1")
         super().validate()
+
+    def ddas_recipe(self) -> dict:
+        """The autoencoders' training settings: each ``ddas_*`` value, or the shape's own where None."""
+        recipe = dict(RECIPES[self.ddas_shape])
+        for key in ("lr", "weight_decay", "lr_decay_epochs", "batch_size", "reference_steps"):
+            value = getattr(self, f"ddas_{key}")
+            if value is not None:
+                recipe[key] = value
+        if recipe["reference_steps"] is None:
+            recipe["reference_steps"] = self.ddas_steps
+        return recipe
 
 
 class MoEAdapters(Strategy):
@@ -109,7 +141,8 @@ class MoEAdapters(Strategy):
         self.layers: list[MoEAdapter] = inject_moe_adapters(
             backend, TOWERS[config.train], config.num_experts, config.top_k, config.bottleneck, config.scale,
             config.dropout)
-        self.selector = (DistributionSelector(backend.embed_dim, config.ddas_hidden, config.ddas_reference is not None)
+        self.selector = (DistributionSelector(backend.embed_dim, config.ddas_hidden, config.ddas_reference is not None,
+                                              config.ddas_shape)
                          if config.selector == "ddas" else None)
         self.trained_tasks = 0
         self.ddas_fits: list[dict] = []
@@ -196,9 +229,11 @@ class MoEAdapters(Strategy):
         order = torch.randperm(len(features), generator=torch.Generator().manual_seed(1000 + task.index))
         held = round(config.ddas_calibration_fraction * len(features))
         calibration, train = features[order[:held]], features[order[held:]]
-        fit = self.selector.fit_task(train, calibration, steps=config.ddas_steps, lr=config.ddas_lr,
-                                     batch_size=config.ddas_batch_size, quantile=config.ddas_quantile,
-                                     seed=2000 + task.index, runtime=self.runtime)
+        recipe = config.ddas_recipe()
+        fit = self.selector.fit_task(train, calibration, steps=config.ddas_steps, lr=recipe["lr"],
+                                     batch_size=recipe["batch_size"], quantile=config.ddas_quantile,
+                                     seed=2000 + task.index, runtime=self.runtime,
+                                     weight_decay=recipe["weight_decay"], lr_decay_epochs=recipe["lr_decay_epochs"])
         self.ddas_fits.append({"task": task.name, **fit})
 
     def sources(self) -> dict:
@@ -209,10 +244,11 @@ class MoEAdapters(Strategy):
                                                 samples=self.config.ddas_reference_samples, per_step=False)}
 
     def _fit_reference(self) -> None:
-        config = self.config
         dataset = self.source_data["ddas_reference"].dataset
-        self.selector.fit_reference(self._features_of(dataset), steps=config.ddas_steps, lr=config.ddas_lr,
-                                    batch_size=config.ddas_batch_size, seed=3000, runtime=self.runtime)
+        recipe = self.config.ddas_recipe()
+        self.selector.fit_reference(self._features_of(dataset), steps=recipe["reference_steps"], lr=recipe["lr"],
+                                    batch_size=recipe["batch_size"], seed=3000, runtime=self.runtime,
+                                    weight_decay=recipe["weight_decay"], lr_decay_epochs=recipe["lr_decay_epochs"])
 
     # --- evaluation ----------------------------------------------------------------------------------
     def route_images(self, frozen_features: torch.Tensor) -> torch.Tensor:
