@@ -22,7 +22,10 @@ from clipcl.data.memory import ReservoirMemory
 
 Item = tuple[int, int, int, int, int]  # (experience, index, augmentation seed, draw, part)
 REPLAY_DRAWS = 1 << 40  # draw numbers of replayed samples start here, apart from the stream's own
-VIEW_DRAWS = 1 << 48  # view v > 0 of a sample (online re-augmentation) adds v * VIEW_DRAWS to its draw
+# View v > 0 of a sample (online re-augmentation) adds v * VIEW_DRAWS to its draw. torch's CPU
+# generator keeps only the low 32 bits of a seed, so the offset must change those bits: a large odd
+# number below 2**32 (the golden-ratio constant) moves views far from every stream position.
+VIEW_DRAWS = 0x9E3779B1
 
 
 class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
