@@ -29,10 +29,8 @@ factor ``A`` (their up factors ``B`` stay separate, stacked as one ``3d x r`` ma
 ``qkv_init="xavier"`` initialises the query/key/value ``A`` and ``B`` Xavier-uniform, so their update is
 *not* zero at initialisation. Every other projection (the output projection, any plain ``nn.Linear``
 or convolution) keeps Kaiming ``A`` and zero ``B``, as the official code's output projection does.
-Both options work on an ``nn.MultiheadAttention`` and on attention built from separate ``nn.Linear``
-projections (named ``q_proj``/``k_proj``/``v_proj`` or ``query``/``key``/``value``, siblings in one
-module). With the defaults nothing changes: the exactness above holds and the random draws are the
-same as before these options existed.
+Both work on an ``nn.MultiheadAttention`` and on sibling q/k/v ``nn.Linear`` projections (names in
+``QKV_NAMES``). With the defaults the exactness above and the random draws are as before.
 
 Options (``inject(model, "lora", targets, **options)``) are the fields of :class:`LoRAConfig`.
 """
@@ -333,7 +331,6 @@ class LoRAMultiheadAttention(AdaptationWrapper):
         shared = f", shared_qkv_down={self.shared_qkv!r}" if self.shared_qkv else ""
         init = f", qkv_init={self.qkv_init!r}" if self.qkv_init != "zero_b" else ""
         return f"rank={self.rank}, alpha={self.alpha:g}, projections={self.projections!r}{shared}{init}"
-
 
 
 # --- the kind, for inject() ------------------------------------------------------------------------
