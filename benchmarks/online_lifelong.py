@@ -11,7 +11,10 @@ Batches of 16 new images, each used for 3 optimiser steps (``online_iter`` 3, as
 evaluation on all classes seen so far every 150 samples. Zero-shot retention is measured on the 17
 offline photos (and on MNIST-5k for the Fashion-MNIST stream). Learning rates are not tuned: full-model
 methods use 1e-4 (the rate of the other starter benchmarks), parameter-efficient ones 5e-4 (the LoRA
-rate of LifeLong-CLIP's scripts, ``scripts/lora_clip.sh``). Every run of one seed sees the same stream.
+rate of LifeLong-CLIP's scripts, ``scripts/lora_clip.sh``). The SIT family (``sit``, ``sit_image``,
+``sit_text``, ``pet_all_seen``) also trains as the official trainer does: AdamW weight decay 1e-5, no
+gradient clipping, a fresh augmentation per ``online_iter`` step (``configs/sit.yaml``). Every run of
+one seed sees the same stream.
 
     python benchmarks/online_lifelong.py                 # 3 seeds, both streams, all methods
     python benchmarks/online_lifelong.py --seeds 0 --streams fashion_mnist --methods finetune,sit
@@ -35,6 +38,11 @@ from clipcl.config import RunConfig, from_dict
 from clipcl.run import run_experiment
 
 FULL_LR, PEFT_LR = 1e-4, 5e-4
+SIT_FAMILY = ("pet_all_seen", "sit", "sit_image", "sit_text")
+"""Rows that use the ``sit`` preset, trained with LifeLong-CLIP's optimiser settings (SIT_TRAIN)."""
+SIT_TRAIN = {"weight_decay": 1e-5, "max_grad_norm": None, "online_reaugment": True}
+"""LLC @ bf20b82: utils/train_utils.py:26-27 (AdamW wd 1e-5), methods/adapter_clip.py:47-48,90,100-104
+(re-augmented every step, no clipping)."""
 
 METHODS: dict[str, tuple[dict, str, float]] = {
     # name: (strategy section, tuned encoder(s), learning rate)
@@ -67,7 +75,8 @@ def run_config(stream: str, method: str, seed: int, args: argparse.Namespace) ->
         "stream": {"protocol": "si_blurry", "num_tasks": 5, "disjoint_class_ratio": 0.5, "blurry_sample_ratio": 0.1,
                    "test_samples_per_task": args.test_samples, "heldout_samples": 300, **STREAMS[stream]},
         "strategy": dict(section),
-        "train": {"batch_size": 16, "online_iter": args.online_iter, "lr": lr, "weight_decay": 0.0},
+        "train": {"batch_size": 16, "online_iter": args.online_iter, "lr": lr, "weight_decay": 0.0,
+                  **(SIT_TRAIN if method in SIT_FAMILY else {})},
         "eval": {"batch_size": 128, "eval_period": args.eval_period},
         "seed": seed,
         "output_dir": str(Path(args.output_dir) / stream / method / f"seed{seed}"),

@@ -381,7 +381,7 @@ def test_hf_attention_module_is_not_a_lora_target(hf_backend):
 def test_each_backend_keeps_default_targets_for_both_towers(open_clip_backend):
     for backend_class in (OpenClipBackend, HFClipBackend, StarterBackend):
         table = backend_class.ADAPTATION_TARGETS
-        assert set(table) == {"lora", "adapter"}
+        assert set(table) == {"lora", "adapter", "adapter_sequential"}
         assert all(set(towers) == {"image", "text"} and all(towers.values()) for towers in table.values())
     assert default_targets(open_clip_backend, "lora", towers=["text"]) == list(
         OpenClipBackend.ADAPTATION_TARGETS["lora"]["text"])

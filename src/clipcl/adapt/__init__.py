@@ -3,7 +3,7 @@
 | kind | module | sites | options |
 |---|---|---|---|
 | ``lora`` | :mod:`~clipcl.adapt.lora` | name patterns (``backend.adaptation_targets("lora")``) | :class:`LoRAConfig` |
-| ``adapter`` | :mod:`~clipcl.adapt.adapter` | name patterns (``backend.adaptation_targets("adapter")``) | :class:`AdapterConfig` |
+| ``adapter`` | :mod:`~clipcl.adapt.adapter` | name patterns (``backend.adaptation_targets("adapter")``; ``"adapter_sequential"`` for LifeLong-CLIP's placement) | :class:`AdapterConfig` |
 | MoE experts and routers | :mod:`~clipcl.adapt.moe` | ``backend.adaptation_sites("moe")`` | arguments of :func:`inject_moe_adapters` |
 | prompt tokens | :mod:`~clipcl.adapt.prompts` | ``backend.adaptation_sites("prompts")`` | :class:`PromptConfig` |
 | grown token embeddings | :mod:`~clipcl.adapt.tokens` | ``backend.token_embedding_site()`` | :class:`TokenGrowthConfig` |
@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from clipcl.adapt.adapter import ADAPTER, Adapter, AdapterConfig, ParallelAdapter
+from clipcl.adapt.adapter import ADAPTER, Adapter, AdapterConfig, ParallelAdapter, SequentialAdapter
 from clipcl.adapt.inject import (
     AdaptationWrapper,
     added_parameters,
@@ -76,6 +76,7 @@ __all__ = [
     "PromptConfig",
     "PromptTokens",
     "Router",
+    "SequentialAdapter",
     "TokenGrowthConfig",
     "active_router",
     "added_parameters",

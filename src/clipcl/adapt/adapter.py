@@ -6,6 +6,13 @@
 - :class:`ParallelAdapter` -- ``y = base(x) + scale * adapter(x)`` around any module whose input and
   output widths are known (an MLP block, a transformer layer; He et al. 2022 found the MLP best).
   A fresh one adds exact zeros, so it computes its base's output bit for bit.
+- :class:`SequentialAdapter` -- ``f = base(x); y = f + scale * adapter(f)`` after a frozen module, on
+  its output, with the adapter's own residual. This is LifeLong-CLIP's placement (SIT, Wang et al.
+  2024; ``models/clip/model.py:257-281`` and ``models/clip/adapter.py:49-69`` @ bf20b82): in each
+  residual block *one* adapter module is applied to the attention output and again to the MLP
+  output, before the block's residual adds. ``placement="sequential"`` with ``shared_per_block``
+  builds exactly that (one :class:`Adapter` shared by the wrapped modules of each block); the
+  backends' ``adapter_sequential`` targets name each block's attention and MLP.
 
 Options (``inject(model, "adapter", targets, **options)``) are the fields of :class:`AdapterConfig`.
 """
@@ -30,6 +37,10 @@ def _check_widths(who: str, **widths: int | None) -> None:
             raise ConfigError(f"{who} {label} must be a positive integer, got {value!r}")
 
 
+PLACEMENTS = ("parallel", "sequential")
+"""Valid values of ``AdapterConfig.placement``."""
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """The options of a parallel adapter; values are checked on construction."""
@@ -44,8 +55,20 @@ class AdapterConfig:
     """Width of the wrapped module's input (None: inferred from its first ``nn.Linear``)."""
     out_features: int | None = None
     """Width of its output (None: inferred from its last ``nn.Linear``)."""
+    placement: str = "parallel"
+    """``parallel`` (:class:`ParallelAdapter`, beside the module, reading its input) or ``sequential``
+    (:class:`SequentialAdapter`, after the module, reading its output; widths are the output's)."""
+    shared_per_block: bool = False
+    """Sequential only: the wrapped modules of one block (the same numbered item of a layer list,
+    e.g. ``resblocks.3.attn`` and ``resblocks.3.mlp``) share one adapter, as LifeLong-CLIP's do."""
+    zero_down_bias: bool = False
+    """Start the down projection's bias at zero (LifeLong-CLIP) instead of ``nn.Linear``'s init."""
 
     def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"inject: placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+        if self.shared_per_block and self.placement != "sequential":
+            raise ConfigError("inject: shared_per_block needs placement='sequential'")
         for key in ("bottleneck", "in_features", "out_features"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -62,12 +85,12 @@ class Adapter(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bottleneck: int = 64, dropout: float = 0.0,
-                 like: torch.Tensor | None = None) -> None:
+                 like: torch.Tensor | None = None, zero_down_bias: bool = False) -> None:
         super().__init__()
-        self._add_layers(in_features, out_features, bottleneck, dropout, like)
+        self._add_layers(in_features, out_features, bottleneck, dropout, like, zero_down_bias)
 
     def _add_layers(self, in_features: int, out_features: int, bottleneck: int, dropout: float,
-                    like: torch.Tensor | None) -> None:
+                    like: torch.Tensor | None, zero_down_bias: bool = False) -> None:
         _check_widths(type(self).__name__, in_features=in_features, out_features=out_features,
                       bottleneck=bottleneck)
         self.in_features, self.out_features, self.bottleneck = in_features, out_features, bottleneck
@@ -76,6 +99,8 @@ class Adapter(nn.Module):
         self.up = nn.Linear(bottleneck, out_features, **factory)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+        if zero_down_bias:  # after the draws, so the weights are those of the default init
+            nn.init.zeros_(self.down.bias)
         # A rate, not an nn.Dropout: a mixture turns dropout on and off itself (its experts run while
         # the backbone around them stays in eval mode).
         self.adapter_dropout = float(dropout)
@@ -125,6 +150,45 @@ class ParallelAdapter(AdaptationWrapper, Adapter):
         return f"in={self.in_features}, out={self.out_features}, bottleneck={self.bottleneck}, scale={self.scale:g}"
 
 
+class SequentialAdapter(AdaptationWrapper):
+    """``f = base(x); y = f + scale * up(dropout(relu(down(f))))`` after a frozen module.
+
+    The adapter reads the module's output (the first element of a tuple output, attention layers)
+    and adds to it: its own residual, inside whatever residual the block adds around the module.
+    ``adapter`` may be one :class:`Adapter` shared by several wrappers (each call draws its own
+    dropout); it is then registered under each of them, and parameters are listed once.
+    A fresh adapter adds exact zeros (``up`` starts at zero).
+    """
+
+    def __init__(self, base: nn.Module, adapter: Adapter, scale: float = 0.1) -> None:
+        super().__init__()
+        self.base = base
+        freeze_base(base)
+        self.adapter = adapter
+        self.scale = float(scale)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        output = self.base(*args, **kwargs)
+        features = output[0] if isinstance(output, tuple) else output
+        return add_to_output(output, self.scale * self.adapter(features), "SequentialAdapter", self.base)
+
+    def added_parameters(self) -> list[nn.Parameter]:
+        adapter = self.adapter
+        return [adapter.down.weight, adapter.down.bias, adapter.up.weight, adapter.up.bias]
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:g}"
+
+
+def block_of(name: str) -> str:
+    """The block a module belongs to: its name up to the last numbered component
+    (``model.visual.transformer.resblocks.3.attn`` -> ``model.visual.transformer.resblocks.3``); the
+    whole name when there is none."""
+    parts = name.split(".")
+    numbered = [index for index, part in enumerate(parts) if part.isdigit()]
+    return ".".join(parts[: numbered[-1] + 1]) if numbered else name
+
+
 # --- the kind, for inject() ------------------------------------------------------------------------
 
 
@@ -150,7 +214,7 @@ class _AdapterKind:
     config = AdapterConfig
 
     def problem(self, site: Site, settings: AdapterConfig) -> str | None:
-        if settings.in_features is not None and settings.out_features is not None:
+        if settings.out_features is not None and (settings.in_features is not None or settings.placement == "sequential"):
             return None
         if _widths(site.module) is None:
             return (f"{site.name} is a {type(site.module).__name__} whose feature widths cannot be inferred "
@@ -170,8 +234,35 @@ class _AdapterKind:
         return ParallelAdapter(module, in_features, out_features, bottleneck=settings.bottleneck,
                                scale=settings.scale, dropout=settings.dropout)
 
+    def wrap_sites(self, sites: list[Site], settings: AdapterConfig) -> list[AdaptationWrapper]:
+        """Parallel: each site on its own (:meth:`wrap`). Sequential: an adapter on each module's output
+        width, one per block when ``shared_per_block`` (the modules of a block must agree on the width)."""
+        if settings.placement == "parallel":
+            wrappers = []
+            for site in sites:
+                wrapper = self.wrap(site.module, settings)
+                if settings.zero_down_bias:
+                    nn.init.zeros_(wrapper.down.bias)
+                wrappers.append(wrapper)
+            return wrappers
+        shared: dict[str, Adapter] = {}
+        wrappers = []
+        for site in sites:
+            width = settings.out_features if settings.out_features is not None else (_widths(site.module) or (0, 0))[1]
+            key = block_of(site.name) if settings.shared_per_block else site.name
+            adapter = shared.get(key)
+            if adapter is None:
+                adapter = Adapter(width, width, settings.bottleneck, settings.dropout, first_parameter(site.module),
+                                  zero_down_bias=settings.zero_down_bias)
+                shared[key] = adapter
+            elif adapter.out_features != width:
+                raise ConfigError(f"inject: {site.name} outputs width {width}, but the adapter it shares in block "
+                                  f"{key} has width {adapter.out_features}")
+            wrappers.append(SequentialAdapter(site.module, adapter, settings.scale))
+        return wrappers
+
 
 ADAPTER = _AdapterKind()
 """The parallel-adapter kind for :func:`~clipcl.adapt.inject.inject_by_name`."""
 
-__all__ = ["ADAPTER", "Adapter", "AdapterConfig", "ParallelAdapter"]
+__all__ = ["ADAPTER", "PLACEMENTS", "Adapter", "AdapterConfig", "ParallelAdapter", "SequentialAdapter", "block_of"]

@@ -153,6 +153,10 @@ class WrapperKind(Protocol):
     def wrap(self, module: nn.Module, settings: Any) -> AdaptationWrapper:
         """A fresh wrapper around ``module``."""
 
+    # Optional: ``wrap_sites(sites, settings) -> list[AdaptationWrapper]``, one wrapper per site, for
+    # kinds whose wrappers share parameters across sites (LoRA's shared q/k/v down factor, an adapter
+    # shared by the attention and the MLP of one block). Without it every site is wrapped on its own.
+
 
 def settings_from_options(kind: WrapperKind, options: Mapping[str, Any]) -> Any:
     """The kind's config dataclass from keyword options; unknown names fail in one line."""
@@ -205,7 +209,10 @@ def inject_by_name(model: nn.Module, kind: WrapperKind, targets: str | Sequence[
             raise ConfigError(f"inject: targets match both {name} and {inner[0]} inside it; make the patterns "
                              "select one of them")
     # Build every wrapper first (this draws the new parameters, in model order), then put them in.
-    wrappers = [(site, kind.wrap(site.module, settings)) for site in matched]
+    wrap_sites = getattr(kind, "wrap_sites", None)
+    built = wrap_sites(matched, settings) if wrap_sites is not None else [kind.wrap(site.module, settings)
+                                                                           for site in matched]
+    wrappers = list(zip(matched, built))
     for site, wrapper in wrappers:
         attach(site, wrapper)
     return names

@@ -23,6 +23,15 @@ default) it reproduces the unwrapped module with trainable weights bit for bit, 
 inference. Projections left out of ``projections``, or an attention module frozen inside a
 :class:`~clipcl.adapt.adapter.ParallelAdapter`, compute like frozen weights.
 
+Two options reproduce LifeLong-CLIP's attention LoRA (SIT, Wang et al. 2024; ``models/clip/lora.py``
+@ bf20b82): ``shared_qkv_down`` gives the query, key and value projections of one attention one down
+factor ``A`` (their up factors ``B`` stay separate, stacked as one ``3d x r`` matrix), and
+``qkv_init="xavier"`` initialises the query/key/value ``A`` and ``B`` Xavier-uniform, so their update is
+*not* zero at initialisation. Every other projection (the output projection, any plain ``nn.Linear``
+or convolution) keeps Kaiming ``A`` and zero ``B``, as the official code's output projection does.
+Both work on an ``nn.MultiheadAttention`` and on sibling q/k/v ``nn.Linear`` projections (names in
+``QKV_NAMES``). With the defaults the exactness above and the random draws are as before.
+
 Options (``inject(model, "lora", targets, **options)``) are the fields of :class:`LoRAConfig`.
 """
 
@@ -40,6 +49,12 @@ from clipcl.adapt.inject import AdaptationWrapper, freeze_base
 from clipcl.config.schema import ConfigError
 from clipcl.models.base import Site
 
+QKV_INITS = ("zero_b", "xavier")
+"""Valid values of ``LoRAConfig.qkv_init``."""
+
+QKV_NAMES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "query": "q", "key": "k", "value": "v"}
+"""Attribute names of separate query/key/value ``nn.Linear`` projections (transformers' CLIP, BERT)."""
+
 
 @dataclass(frozen=True)
 class LoRAConfig:
@@ -53,9 +68,20 @@ class LoRAConfig:
     """Dropout on the input of the low-rank branch (not possible on attention, whose update is merged)."""
     projections: str = "qkvo"
     """Attention only: which of the query, key, value and output projections get an update."""
+    shared_qkv_down: bool = False
+    """One down factor A shared by the query, key and value projections of each attention (their up
+    factors stay separate), as LifeLong-CLIP's LoRA has it. False: every projection has its own A."""
+    qkv_init: str = "zero_b"
+    """Initialisation of the query/key/value factors: ``zero_b`` (Hu et al.: Kaiming A, zero B, so the
+    update starts at exactly zero) or ``xavier`` (LifeLong-CLIP: A and B Xavier-uniform, a non-zero
+    update at initialisation). Other projections always use Kaiming A and zero B."""
 
     def __post_init__(self) -> None:
         _check_rank(self.rank, self.alpha)
+        if self.qkv_init not in QKV_INITS:
+            raise ConfigError(f"inject: qkv_init must be one of {', '.join(QKV_INITS)}, got {self.qkv_init!r}")
+        if not isinstance(self.shared_qkv_down, bool):
+            raise ConfigError(f"inject: shared_qkv_down must be true or false, got {self.shared_qkv_down!r}")
         projections = self.projections
         if not isinstance(projections, str) or not projections or set(projections) - set("qkvo"):
             raise ConfigError(f"inject: projections must be letters of 'qkvo', got {projections!r}")
@@ -79,10 +105,48 @@ def _lora_factors(rank: int, in_features: int, out_features: int, like: torch.Te
     return nn.Parameter(a), nn.Parameter(b)
 
 
+def _xavier(rows: int, columns: int, like: torch.Tensor) -> torch.Tensor:
+    """A ``rows x columns`` tensor drawn Xavier-uniform (bound sqrt(6 / (rows + columns)))."""
+    tensor = torch.empty(rows, columns, dtype=like.dtype, device=like.device)
+    nn.init.xavier_uniform_(tensor)
+    return tensor
+
+
+def _qkv_factors(rank: int, in_features: int, out_features: list[int], shared: bool, init: str,
+                 like: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Down and up factors of a group of query/key/value projections reading the same input.
+
+    Returns one A per projection (the same tensor for all when ``shared``) and one B per projection.
+    With ``xavier`` and ``shared``, the B's are the row blocks of one Xavier-drawn stacked matrix
+    (``sum(out) x rank``), which is what LifeLong-CLIP initialises (its fused in-projection B is one
+    ``3d x r`` parameter), so the bound depends on the stacked shape, not on one block's.
+    """
+    count = len(out_features)
+    if init == "xavier":
+        if shared:
+            down = _xavier(rank, in_features, like)
+            stacked = _xavier(sum(out_features), rank, like)
+            return [down] * count, list(torch.split(stacked, out_features))
+        downs, ups = [], []
+        for width in out_features:
+            downs.append(_xavier(rank, in_features, like))
+            ups.append(_xavier(width, rank, like))
+        return downs, ups
+    if shared:
+        down, _ = _lora_factors(rank, in_features, 1, like)
+        return [down.data] * count, [torch.zeros(width, rank, dtype=like.dtype, device=like.device)
+                                     for width in out_features]
+    pairs = [_lora_factors(rank, in_features, width, like) for width in out_features]
+    return [a.data for a, _ in pairs], [b.data for _, b in pairs]
+
+
 class LoRALinear(AdaptationWrapper):
     """``y = base(x) + (alpha / rank) * B(A(dropout(x)))`` around a frozen ``nn.Linear``."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 factors: tuple[nn.Parameter, nn.Parameter] | None = None) -> None:
+        """``factors``: a given ``(A, B)`` pair instead of fresh Kaiming/zero ones (``A`` may be shared
+        with the sibling query/key/value projections, see :class:`LoRAConfig`)."""
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, not a {type(base).__name__}")
@@ -92,7 +156,12 @@ class LoRALinear(AdaptationWrapper):
         self.rank = rank
         self.alpha = float(alpha)
         self.scaling = self.alpha / rank
-        self.lora_A, self.lora_B = _lora_factors(rank, base.in_features, base.out_features, base.weight)
+        if factors is None:
+            self.lora_A, self.lora_B = _lora_factors(rank, base.in_features, base.out_features, base.weight)
+        else:
+            self.lora_A, self.lora_B = factors
+            if tuple(self.lora_A.shape) != (rank, base.in_features) or tuple(self.lora_B.shape) != (base.out_features, rank):
+                raise ConfigError("LoRALinear: the given factors do not fit the layer")
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def delta_weight(self) -> torch.Tensor:
@@ -166,9 +235,15 @@ class LoRAMultiheadAttention(AdaptationWrapper):
     base weights and ``nn.MultiheadAttention.forward`` runs unchanged with them, so the wrapper takes
     exactly the base module's arguments and returns what it returns. Input dropout cannot be applied
     to a weight update, so there is no ``dropout`` here.
+
+    ``shared_qkv_down`` and ``qkv_init`` are LifeLong-CLIP's options (see the module docstring and
+    :class:`LoRAConfig`). With ``shared_qkv_down`` the factors are ``lora_A["qkv"]`` (``r x d``, one
+    for all three) and ``lora_B["qkv"]`` (the chosen projections' up factors stacked, ``3d x r`` for
+    all three), so the update of projection ``p`` is ``(alpha / r) * B_p @ A`` with ``B_p`` its block.
     """
 
-    def __init__(self, base: nn.MultiheadAttention, rank: int, alpha: float, projections: str = "qkvo") -> None:
+    def __init__(self, base: nn.MultiheadAttention, rank: int, alpha: float, projections: str = "qkvo",
+                 shared_qkv_down: bool = False, qkv_init: str = "zero_b") -> None:
         super().__init__()
         if not isinstance(base, nn.MultiheadAttention):
             raise TypeError(f"LoRAMultiheadAttention wraps an nn.MultiheadAttention, not a {type(base).__name__}")
@@ -176,21 +251,46 @@ class LoRAMultiheadAttention(AdaptationWrapper):
         chosen = "".join(dict.fromkeys(projections))
         if not chosen or set(chosen) - set("qkvo"):
             raise ConfigError(f"LoRA projections must be letters of 'qkvo', got {projections!r}")
+        if qkv_init not in QKV_INITS:
+            raise ConfigError(f"LoRA qkv_init must be one of {', '.join(QKV_INITS)}, got {qkv_init!r}")
         self.base = base
         freeze_base(base)
         self.rank = rank
         self.alpha = float(alpha)
         self.scaling = self.alpha / rank
         self.projections = "".join(letter for letter in "qkvo" if letter in chosen)
+        self.qkv_init = qkv_init
         width = base.embed_dim
         in_widths = {"q": width, "k": base.kdim, "v": base.vdim, "o": width}
         like = base.out_proj.weight
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-        for letter in self.projections:
-            self.lora_A[letter], self.lora_B[letter] = _lora_factors(rank, in_widths[letter], width, like)
+        qkv = [letter for letter in self.projections if letter != "o"]
+        self.shared_qkv = "".join(qkv) if shared_qkv_down and qkv else ""
+        if self.shared_qkv:
+            if len({in_widths[letter] for letter in qkv}) != 1:
+                raise ConfigError("LoRA shared_qkv_down needs query, key and value inputs of one width; this "
+                                  f"attention has kdim={base.kdim}, vdim={base.vdim}, embed_dim={width}")
+            downs, ups = _qkv_factors(rank, width, [width] * len(qkv), True, qkv_init, like)
+            self.lora_A["qkv"] = nn.Parameter(downs[0])
+            self.lora_B["qkv"] = nn.Parameter(torch.cat(ups))
+        elif qkv_init == "xavier":
+            for letter in qkv:
+                downs, ups = _qkv_factors(rank, in_widths[letter], [width], False, qkv_init, like)
+                self.lora_A[letter], self.lora_B[letter] = nn.Parameter(downs[0]), nn.Parameter(ups[0])
+        else:
+            # The original draws, in the original order (q, k, v, then o): unchanged numbers.
+            for letter in qkv:
+                self.lora_A[letter], self.lora_B[letter] = _lora_factors(rank, in_widths[letter], width, like)
+        if "o" in self.projections:
+            self.lora_A["o"], self.lora_B["o"] = _lora_factors(rank, width, width, like)
 
     def _delta(self, letter: str) -> torch.Tensor:
+        if letter in self.shared_qkv:
+            width = self.base.embed_dim
+            block = self.shared_qkv.index(letter)
+            up = self.lora_B["qkv"][block * width: (block + 1) * width]
+            return self.scaling * (up @ self.lora_A["qkv"])
         return self.scaling * (self.lora_B[letter] @ self.lora_A[letter])
 
     def merged_parameters(self) -> dict[str, torch.Tensor]:
@@ -228,8 +328,9 @@ class LoRAMultiheadAttention(AdaptationWrapper):
         return [*self.lora_A.values(), *self.lora_B.values()]
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha:g}, projections={self.projections!r}"
-
+        shared = f", shared_qkv_down={self.shared_qkv!r}" if self.shared_qkv else ""
+        init = f", qkv_init={self.qkv_init!r}" if self.qkv_init != "zero_b" else ""
+        return f"rank={self.rank}, alpha={self.alpha:g}, projections={self.projections!r}{shared}{init}"
 
 
 # --- the kind, for inject() ------------------------------------------------------------------------
@@ -267,10 +368,50 @@ class _LoRAKind:
 
     def wrap(self, module: nn.Module, settings: LoRAConfig) -> AdaptationWrapper:
         if isinstance(module, nn.MultiheadAttention):
-            return LoRAMultiheadAttention(module, settings.rank, settings.alpha, projections=settings.projections)
+            return LoRAMultiheadAttention(module, settings.rank, settings.alpha, projections=settings.projections,
+                                          shared_qkv_down=settings.shared_qkv_down, qkv_init=settings.qkv_init)
         if isinstance(module, nn.Conv2d):
             return LoRAConv1x1(module, settings.rank, settings.alpha, settings.dropout)
         return LoRALinear(module, settings.rank, settings.alpha, settings.dropout)
+
+    def wrap_sites(self, sites: list[Site], settings: LoRAConfig) -> list[AdaptationWrapper]:
+        """Wrappers for all matched sites, in order. With the default options each site is wrapped on
+        its own (the draws of before). Otherwise separate query/key/value ``nn.Linear`` siblings (one
+        parent module, names in ``QKV_NAMES``) are wrapped as a group: one shared ``A`` with
+        ``shared_qkv_down``, LifeLong-CLIP's Xavier factors with ``qkv_init="xavier"``."""
+        if not settings.shared_qkv_down and settings.qkv_init == "zero_b":
+            return [self.wrap(site.module, settings) for site in sites]
+        groups: dict[int, list[int]] = {}
+        for number, site in enumerate(sites):
+            if isinstance(site.module, nn.Linear) and site.attribute in QKV_NAMES:
+                groups.setdefault(id(site.parent), []).append(number)
+        factors: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
+        for members in groups.values():
+            modules = [sites[number].module for number in members]
+            in_widths = {module.in_features for module in modules}
+            if settings.shared_qkv_down and len(in_widths) != 1:
+                raise ConfigError(f"inject: shared_qkv_down needs the query/key/value projections of "
+                                  f"{sites[members[0]].name.rsplit('.', 1)[0]} to read one width, got {sorted(in_widths)}")
+            if settings.shared_qkv_down:
+                downs, ups = _qkv_factors(settings.rank, modules[0].in_features,
+                                          [module.out_features for module in modules], True, settings.qkv_init,
+                                          modules[0].weight)
+                shared_down = nn.Parameter(downs[0])
+                for number, up in zip(members, ups):
+                    factors[number] = (shared_down, nn.Parameter(up.clone()))
+            else:
+                for number, module in zip(members, modules):
+                    downs, ups = _qkv_factors(settings.rank, module.in_features, [module.out_features], False,
+                                              settings.qkv_init, module.weight)
+                    factors[number] = (nn.Parameter(downs[0]), nn.Parameter(ups[0]))
+        wrappers: list[AdaptationWrapper] = []
+        for number, site in enumerate(sites):
+            if number in factors:
+                wrappers.append(LoRALinear(site.module, settings.rank, settings.alpha, settings.dropout,
+                                           factors=factors[number]))
+            else:
+                wrappers.append(self.wrap(site.module, settings))
+        return wrappers
 
 
 LORA = _LoRAKind()

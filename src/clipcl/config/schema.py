@@ -170,6 +170,11 @@ class TrainConfig:
     """Clip gradients to this norm (None: no clipping)."""
     online_iter: int = 1
     """si_blurry: optimiser steps on each incoming batch (Si-Blurry's ``online_iter``)."""
+    online_reaugment: bool = False
+    """si_blurry: give each of the ``online_iter`` steps a fresh draw of the training transform on the
+    same incoming images (LifeLong-CLIP's trainer re-augments every step). False: the batch is
+    augmented once and reused. Changes nothing when the backend's training transform is deterministic
+    (the starter's is)."""
     lr_schedule: str | None = None
     """``cosine`` (linear warm-up, then cosine decay to zero over each experience's steps),
     ``constant`` (warm-up, then the peak rate) or ``step`` (warm-up, then the rate times
@@ -200,6 +205,8 @@ class TrainConfig:
         check_integer("train.num_workers", self.num_workers, 0)
         check_number("train.max_grad_norm", self.max_grad_norm, 0.0, low_open=True, optional=True)
         check_integer("train.online_iter", self.online_iter, 1)
+        if not isinstance(self.online_reaugment, bool):
+            raise ConfigError(f"train.online_reaugment must be true or false, got {self.online_reaugment!r}")
         if self.lr_schedule is not None:
             check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_number("train.lr_step_epochs", self.lr_step_epochs, 0.0, low_open=True)

@@ -22,6 +22,10 @@ from clipcl.data.memory import ReservoirMemory
 
 Item = tuple[int, int, int, int, int]  # (experience, index, augmentation seed, draw, part)
 REPLAY_DRAWS = 1 << 40  # draw numbers of replayed samples start here, apart from the stream's own
+# View v > 0 of a sample (online re-augmentation) adds v * VIEW_DRAWS to its draw. torch's CPU
+# generator keeps only the low 32 bits of a seed, so the offset must change those bits: a large odd
+# number below 2**32 (the golden-ratio constant) moves views far from every stream position.
+VIEW_DRAWS = 0x9E3779B1
 
 
 class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -105,15 +109,19 @@ class PlanSampler(Sampler[list[Item]]):
 
     ``skip`` plans the first ``skip`` micro-batches (so the memory sees them) without yielding them:
     the resume of an interrupted online stream.
+
+    ``views`` > 1 yields each micro-batch's plan that many times in a row, view ``v`` with its draw
+    numbers moved by ``v * VIEW_DRAWS``: the same samples (and replayed samples) with a fresh,
+    seeded augmentation each (online re-augmentation; view 0 is the plan of ``views`` = 1).
     """
 
     def __init__(self, batches, experience: int, augmentation_seed: int, labels: np.ndarray,
-                 memory: ReservoirMemory | None = None, skip: int = 0) -> None:
+                 memory: ReservoirMemory | None = None, skip: int = 0, views: int = 1) -> None:
         self.batches, self.experience, self.seed = batches, experience, augmentation_seed
-        self.labels, self.memory, self.skip = labels, memory, skip
+        self.labels, self.memory, self.skip, self.views = labels, memory, skip, views
 
     def __len__(self) -> int:
-        return max(0, len(self.batches) - self.skip)
+        return max(0, len(self.batches) - self.skip) * self.views
 
     def __iter__(self) -> Iterator[list[Item]]:
         experience, seed, memory = self.experience, self.seed, self.memory
@@ -129,7 +137,10 @@ class PlanSampler(Sampler[list[Item]]):
             own = [(experience, index, seed, draw, 0) for index, draw in self.batches.own_block(batch)]
             replay = [(source, index, seed, REPLAY_DRAWS + number * self.batches.batch_size + position, 1)
                       for position, (source, index) in enumerate(replayed)]
-            yield own + self.batches.own_block(replay)
+            plan = own + self.batches.own_block(replay)
+            for view in range(self.views):
+                yield [(source, index, seed, draw + view * VIEW_DRAWS, part)
+                       for source, index, seed, draw, part in plan]
 
 
 class StreamImages(Dataset):

@@ -3,7 +3,8 @@
 The stream's training images arrive once, in chunks of ``train.batch_size``
 (:mod:`clipcl.data.online_stream`); the learner only learns which classes have appeared so far.
 Every group of ``train.grad_accumulation`` chunks (plus whatever the method replays) is used for
-``train.online_iter`` optimizer steps by the same trainer as task streams; the learning rate is
+``train.online_iter`` optimizer steps by the same trainer as task streams (with
+``train.online_reaugment``, each step on a fresh seeded augmentation of the same images); the learning rate is
 constant unless ``train.lr_schedule`` says otherwise (the stream has no known end). Every
 ``eval.eval_period`` samples, and at the end, the model is evaluated on the test images of every
 class seen so far, among those classes: the anytime accuracy curve, its area A_auc and its last
@@ -41,7 +42,7 @@ from clipcl.data.online import a_last, anytime_accuracy_auc
 from clipcl.data.online_stream import ONLINE_PROTOCOL, Arrivals
 from clipcl.engine.batches import OnlineChunks, PlanSampler, StreamImages, collate_plan
 from clipcl.engine.context import RunContext, RunError, host_facts, run_facts, write_results
-from clipcl.engine.trainer import ExperienceStats, grouped
+from clipcl.engine.trainer import ExperienceStats, grouped, grouped_views
 from clipcl.eval.evaluator import count_correct
 from clipcl.eval.metrics import retention
 
@@ -217,14 +218,18 @@ def run_online_stream(context: RunContext, stop_after_samples: int | None) -> di
     trainer.global_step, trainer.forward_calls = progress["steps"], progress["forward_calls"]
     trainer.class_of = lambda experience, label: stream.classes[label]
     stats = ExperienceStats(steps=progress["steps"], examples=progress["examples"], losses=list(progress["losses"]))
-    plans = PlanSampler(chunks, 0, config.seed, stream.train.labels, context.memory, skip=progress["chunks"])
+    # Re-augmentation: the loader yields online_iter views of each chunk, augmented apart (seeded by
+    # the sample's stream position and the view), so a resumed run draws the same views.
+    views = train_config.online_iter if trains and train_config.online_reaugment and train_config.online_iter > 1 else 1
+    plans = PlanSampler(chunks, 0, config.seed, stream.train.labels, context.memory, skip=progress["chunks"],
+                        views=views)
     if trains:
         images = StreamImages({0: stream.train}, strategy.backend.train_preprocess)
         # An own generator: the loader must not draw from the global one (dropout's), which the
         # stream's earlier versions never touched here.
         loader = DataLoader(images, batch_sampler=plans, num_workers=train_config.num_workers,
                             collate_fn=collate_plan, generator=torch.Generator().manual_seed(config.seed))
-        groups = grouped(loader, accumulation)
+        groups = grouped(loader, accumulation) if views == 1 else grouped_views(loader, accumulation, views)
     else:
         groups = grouped(({} for _ in plans), accumulation)  # nothing trains: positions only, no images
     context.observers.experience_started("online", 0, None)
@@ -232,7 +237,7 @@ def run_online_stream(context: RunContext, stop_after_samples: int | None) -> di
     consumed = progress["chunks"]
     for group in groups:
         started = time.perf_counter()
-        first, consumed = consumed, consumed + len(group)
+        first, consumed = consumed, consumed + len(group[0] if views > 1 else group)
         labels = stream.train.labels[order[first * train_config.batch_size: consumed * train_config.batch_size]]
 
         def register_arrivals(_group, labels=labels) -> None:
@@ -241,7 +246,7 @@ def run_online_stream(context: RunContext, stop_after_samples: int | None) -> di
 
         if trains:
             trainer.train_groups([group], arrivals.task, stats, repeats=train_config.online_iter,
-                                 before_group=register_arrivals)
+                                 before_group=register_arrivals, views=views > 1)
         else:
             register_arrivals(group)
         progress["train_seconds"] += time.perf_counter() - started

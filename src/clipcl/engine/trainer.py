@@ -6,7 +6,7 @@ experience's ``images`` and dataset ``labels``, plus what the method's sources a
 the experience's targets, adds per-step source batches, and runs ``forward`` -> ``backward`` ->
 (every ``grad_accumulation`` micro-batches) gradient average over processes -> clip -> step ->
 schedule -> ``after_step``. An online stream repeats each group of micro-batches ``online_iter``
-times. Methods only return losses: mixed precision, accumulation and data parallelism live here.
+times (with ``views``, each repeat on its own augmentation of the group). Methods only return losses: mixed precision, accumulation and data parallelism live here.
 """
 
 from __future__ import annotations
@@ -137,31 +137,37 @@ class Trainer:
         return loss, outputs
 
     def train_groups(self, groups: Iterable[list[dict]] | Iterator[list[dict]], experience, stats: ExperienceStats,
-                     repeats: int = 1, max_steps: int | None = None, before_group=None) -> None:
+                     repeats: int = 1, max_steps: int | None = None, before_group=None, views: bool = False) -> None:
         """Train on groups of ``grad_accumulation`` loaded micro-batches, ``repeats`` optimizer steps each.
 
         ``before_group(group)`` runs first for each group with the strategy in eval mode (an online
         stream registers newly arrived classes there: their frozen text features must not see
-        dropout).
+        dropout). With ``views``, each element of ``groups`` is instead a list of ``repeats`` groups,
+        augmentations of the same samples: repeat ``r`` trains on the ``r``-th (``before_group`` gets
+        the first).
         """
         runtime, config, strategy = self.runtime, self.config, self.strategy
         started = time.perf_counter()
         strategy.train()
-        for group in groups:
+        for element in groups:
+            view_groups = element if views else [element]
             if before_group is not None:
                 strategy.eval()
-                before_group(group)
+                before_group(view_groups[0])
                 strategy.train()
             # Empty micro-batches (the untrained tail of a ragged online chunk) are the same on every
-            # process, so every process skips the same ones and the collectives stay in step.
-            batches = [self.device_batch(batch, experience) for batch in group if len(batch["images"])]
-            if not batches:
+            # process (and in every view), so every process skips the same ones and the collectives
+            # stay in step.
+            view_batches = [[self.device_batch(batch, experience) for batch in group if len(batch["images"])]
+                            for group in view_groups]
+            if not view_batches[0]:
                 continue
             # A short last group is the mean over its own micro-batches, not a fraction of a full group.
-            share = len(batches)
-            for _ in range(repeats):
+            share = len(view_batches[0])
+            for repeat in range(repeats):
                 if max_steps is not None and stats.steps >= max_steps:
                     break
+                batches = view_batches[repeat] if views else view_batches[0]
                 step_loss = torch.zeros((), device=runtime.device)
                 terms: dict[str, float] = {}
                 for batch in batches:
@@ -191,6 +197,24 @@ class Trainer:
                 break
         strategy.eval()
         stats.seconds += time.perf_counter() - started
+
+
+def grouped_views(batches: Iterable[dict], size: int, views: int) -> Iterator[list[list[dict]]]:
+    """Groups of ``size`` micro-batches from a loader that yields ``views`` consecutive views of each
+    micro-batch (``PlanSampler(views=...)``), as ``views`` lists: the ``v``-th holds view ``v`` of
+    every micro-batch of the group (the last group may be shorter)."""
+    chunks: list[list[dict]] = []
+    current: list[dict] = []
+    for batch in batches:
+        current.append(batch)
+        if len(current) == views:
+            chunks.append(current)
+            current = []
+            if len(chunks) == size:
+                yield [[chunk[view] for chunk in chunks] for view in range(views)]
+                chunks = []
+    if chunks:
+        yield [[chunk[view] for chunk in chunks] for view in range(views)]
 
 
 def grouped(batches: Iterable[dict], size: int) -> Iterator[list[dict]]:

@@ -137,6 +137,11 @@ class HFClipBackend(Backend):
             "image": ("model.vision_model.encoder.layers.*.mlp",),
             "text": ("model.text_model.encoder.layers.*.mlp",),
         },
+        # Sequential adapters after each layer's attention and MLP (LifeLong-CLIP's placement).
+        "adapter_sequential": {
+            "image": ("model.vision_model.encoder.layers.*.self_attn", "model.vision_model.encoder.layers.*.mlp"),
+            "text": ("model.text_model.encoder.layers.*.self_attn", "model.text_model.encoder.layers.*.mlp"),
+        },
     }
 
     def __init__(self, name: str) -> None:

@@ -165,6 +165,13 @@ class OpenClipBackend(Backend):
             "image": ("model.visual.transformer.resblocks.*.mlp",),
             "text": ("model.transformer.resblocks.*.mlp", "model.text.transformer.resblocks.*.mlp"),
         },
+        # Sequential adapters after each block's attention and MLP (LifeLong-CLIP's placement; the
+        # two of a block share one adapter with shared_per_block).
+        "adapter_sequential": {
+            "image": ("model.visual.transformer.resblocks.*.attn", "model.visual.transformer.resblocks.*.mlp"),
+            "text": ("model.transformer.resblocks.*.attn", "model.transformer.resblocks.*.mlp",
+                     "model.text.transformer.resblocks.*.attn", "model.text.transformer.resblocks.*.mlp"),
+        },
     }
 
     def __init__(self, name: str, pretrained: str | None = None, *, image_size: int | None = None,

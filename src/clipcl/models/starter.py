@@ -172,6 +172,16 @@ class StarterBackend(Backend):
             "image": ("_image.classifier._fc",),
             "text": ("_text.encoder.encoder.layer.[0-9]", "_text.encoder.encoder.layer.[0-9][0-9]"),
         },
+        # Sequential adapters (LifeLong-CLIP's placement) after each BERT layer's attention output
+        # projection and feed-forward output projection, i.e. on each branch before BERT adds the
+        # residual and normalises. The image tower has no such blocks: after the classifier ``_fc``.
+        "adapter_sequential": {
+            "image": ("_image.classifier._fc",),
+            "text": ("_text.encoder.encoder.layer.[0-9].attention.output.dense",
+                     "_text.encoder.encoder.layer.[0-9][0-9].attention.output.dense",
+                     "_text.encoder.encoder.layer.[0-9].output.dense",
+                     "_text.encoder.encoder.layer.[0-9][0-9].output.dense"),
+        },
     }
 
     def __init__(self, image_size: int = DEFAULT_IMAGE_SIZE, top_k: int = DEFAULT_TOP_K,

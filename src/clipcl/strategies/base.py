@@ -44,16 +44,18 @@ class StrategyConfig:
         Subclasses add their checks and call ``super().validate()``."""
 
 
-def class_text_features(backend: Backend, classes: list[ClassText], ensemble: bool = True) -> torch.Tensor:
+def class_text_features(backend: Backend, classes: list[ClassText], ensemble: bool = True,
+                        template: str | None = None) -> torch.Tensor:
     """One normalised text embedding per class.
 
     With ``ensemble`` (evaluation), each class is the normalised mean of its normalised prompt
     embeddings over all templates, as in the CLIP paper; without it (training), the first template.
+    ``template`` (with ``ensemble=False``) replaces each class's first template by this one.
     """
     if not classes:  # an online stream before its first batch
         return torch.zeros(0, backend.embed_dim, device=backend.device)
     if not ensemble:
-        return normalize(backend.encode_texts([c.templates[0].format(c.name) for c in classes]))
+        return normalize(backend.encode_texts([(template or c.templates[0]).format(c.name) for c in classes]))
     prompts = [class_text.prompts() for class_text in classes]
     flat = [prompt for class_prompts in prompts for prompt in class_prompts]
     # Encode every prompt of every class in a few large batches, then average per class.

@@ -20,7 +20,6 @@ from clipcl.config import ConfigError
 from clipcl.data.memory import KINDS as MEMORY_KINDS
 from clipcl.data.memory import ReplaySpec
 from clipcl.losses import classification_loss, clip_logits
-from clipcl.strategies.base import class_text_features
 from clipcl.strategies.finetune import Finetune, FinetuneConfig
 
 
@@ -63,7 +62,7 @@ class ExperienceReplay(Finetune):
             for class_text in extra:
                 position[class_text] = len(position)
             if extra:  # classes of earlier tasks that the current label space lacks
-                text_features = torch.cat([text_features, class_text_features(self.backend, extra, ensemble=False)])
+                text_features = torch.cat([text_features, self.training_text_features(extra)])
             replay_targets = torch.tensor([position[class_text] for class_text in replay["classes"]],
                                           dtype=torch.long, device=targets.device)
             images = torch.cat([images, replay["images"].to(images.dtype)])

@@ -1,8 +1,9 @@
 """Sequential fine-tuning: train on each task in turn with the CLIP classification loss.
 
 The loss is cross-entropy over ``exp(logit_scale) * cos(image, class prompt)`` for the current task's
-classes (one prompt per class, the dataset's first template), as in the fine-tuning baselines of
-ZSCL (Zheng et al. 2023). Which parameters train is a choice: the whole model, one tower, or named
+classes (one prompt per class, the dataset's first template, or ``template`` when set), as in the
+fine-tuning baselines of ZSCL (Zheng et al. 2023). ``cross_entropy_on_probabilities`` applies it to
+the softmax probabilities instead (LifeLong-CLIP's code, a double softmax; see the field). Which parameters train is a choice: the whole model, one tower, or named
 parameters (any parameter whose name starts with one of the given prefixes).
 """
 
@@ -20,6 +21,10 @@ PARTS = ("all", "image", "text")
 LABEL_SPACES = ("task", "batch")
 PEFT_KINDS = ("lora", "adapter")
 """Valid values of ``strategy.peft`` (the kinds of :func:`clipcl.adapt.inject`)."""
+ADAPTER_PLACEMENTS = ("parallel", "sequential")
+"""Valid values of ``strategy.adapter_placement``."""
+LORA_QKV_INITS = ("zero_b", "xavier")
+"""Valid values of ``strategy.lora_qkv_init``."""
 
 
 @dataclass
@@ -42,16 +47,49 @@ class FinetuneConfig(StrategyConfig):
     """LoRA rank r."""
     lora_alpha: float = 16.0
     """LoRA scaling alpha (the update is multiplied by alpha / r)."""
+    lora_shared_qkv_down: bool = False
+    """LoRA: one down factor A shared by each attention's query, key and value projections
+    (LifeLong-CLIP); false: separate factors per projection (Hu et al.)."""
+    lora_qkv_init: str = "zero_b"
+    """LoRA init of the query/key/value factors: ``zero_b`` (Kaiming A, zero B: the update starts at
+    zero) or ``xavier`` (LifeLong-CLIP: both Xavier-uniform, so the model at step 0 is *not* the
+    pretrained one). The output projection and other layers always start at zero."""
     adapter_bottleneck: int = 64
-    """Parallel adapters: width of the bottleneck."""
+    """Adapters: width of the bottleneck."""
     adapter_scale: float = 0.1
-    """Parallel adapters: the adapter's output is multiplied by this."""
+    """Adapters: the adapter's output is multiplied by this."""
+    adapter_dropout: float = 0.0
+    """Adapters: dropout after the bottleneck's ReLU, while training."""
+    adapter_placement: str = "parallel"
+    """``parallel``: a :class:`~clipcl.adapt.adapter.ParallelAdapter` beside each block's MLP (He et al.
+    2022). ``sequential``: LifeLong-CLIP's adapter, one per block applied to the attention output and
+    to the MLP output, each time with its own residual, with a zero down bias (the backend's
+    ``adapter_sequential`` targets; :class:`~clipcl.adapt.adapter.SequentialAdapter`)."""
+    template: str | None = None
+    """One prompt template (``"a bad photo of a {}."``) for every class, in training *and* evaluation
+    (no template ensemble), as LifeLong-CLIP does. None: the dataset's first template in training and
+    the ensemble of its templates in evaluation."""
+    cross_entropy_on_probabilities: bool = False
+    """Apply the cross-entropy to ``softmax(logits)`` instead of the logits: LifeLong-CLIP's code
+    (``AdapterCLIP.forward`` returns probabilities, the trainer's ``CrossEntropyLoss`` softmaxes them
+    again). Its gradient is much smaller and saturates. False: the paper's loss, CE on the logits."""
     label_space: str = "task"
     """The classes on the text side of the cross-entropy: ``task`` (the task's classes; in an online
     stream, every class seen so far) or ``batch`` (only the classes present in the batch, as SIT does,
     Wang et al. 2024)."""
 
     def validate(self) -> None:
+        if self.adapter_placement not in ADAPTER_PLACEMENTS:
+            raise ConfigError(f"strategy.adapter_placement must be one of {', '.join(ADAPTER_PLACEMENTS)}, "
+                              f"got {self.adapter_placement!r}")
+        if self.lora_qkv_init not in LORA_QKV_INITS:
+            raise ConfigError(f"strategy.lora_qkv_init must be one of {', '.join(LORA_QKV_INITS)}, "
+                              f"got {self.lora_qkv_init!r}")
+        if not isinstance(self.adapter_dropout, (int, float)) or not 0.0 <= float(self.adapter_dropout) <= 1.0:
+            raise ConfigError(f"strategy.adapter_dropout must be between 0 and 1, got {self.adapter_dropout!r}")
+        if self.template is not None and (not isinstance(self.template, str) or self.template.count("{}") != 1):
+            raise ConfigError(f"strategy.template must be a string with one '{{}}' for the class name, "
+                              f"got {self.template!r}")
         if self.label_space not in LABEL_SPACES:
             raise ConfigError(f"strategy.label_space must be one of {', '.join(LABEL_SPACES)}, got {self.label_space!r}")
         if self.peft is not None:
@@ -90,11 +128,20 @@ def inject_peft(backend, config: FinetuneConfig) -> dict[str, torch.nn.Parameter
     from clipcl.adapt import added_parameters, default_targets, inject
 
     towers = {"all": ("image", "text"), "image": ("image",), "text": ("text",)}[config.train]
-    targets = config.peft_targets or default_targets(backend, config.peft, towers)
     if config.peft == "lora":
-        inject(backend, "lora", targets, rank=config.lora_rank, alpha=config.lora_alpha)
+        targets = config.peft_targets or default_targets(backend, "lora", towers)
+        inject(backend, "lora", targets, rank=config.lora_rank, alpha=config.lora_alpha,
+               shared_qkv_down=config.lora_shared_qkv_down, qkv_init=config.lora_qkv_init)
+    elif config.adapter_placement == "parallel":
+        targets = config.peft_targets or default_targets(backend, "adapter", towers)
+        inject(backend, "adapter", targets, bottleneck=config.adapter_bottleneck, scale=config.adapter_scale,
+               dropout=config.adapter_dropout)
     else:
-        inject(backend, "adapter", targets, bottleneck=config.adapter_bottleneck, scale=config.adapter_scale)
+        # LifeLong-CLIP (models/clip/model.py:257-281 @ bf20b82): one adapter per block, after the
+        # attention and after the MLP, down bias zero (models/clip/adapter.py:42-47).
+        targets = config.peft_targets or backend.adaptation_targets("adapter_sequential", towers)
+        inject(backend, "adapter", targets, bottleneck=config.adapter_bottleneck, scale=config.adapter_scale,
+               dropout=config.adapter_dropout, placement="sequential", shared_per_block=True, zero_down_bias=True)
     added = {id(parameter) for parameter in added_parameters(backend)}
     chosen = {name: parameter for name, parameter in backend.named_parameters() if id(parameter) in added}
     if config.train_logit_scale:
@@ -129,7 +176,7 @@ class Finetune(Strategy):
         self._frozen_text_features = None
         if not self.text_trains:
             with torch.no_grad():
-                self._frozen_text_features = class_text_features(self.backend, task.classes, ensemble=False)
+                self._frozen_text_features = self.training_text_features(task.classes)
 
     def on_new_classes(self, task) -> None:
         self._cache_frozen_text_features(task)
@@ -137,7 +184,19 @@ class Finetune(Strategy):
     def task_text_features(self, task) -> torch.Tensor:
         if self._frozen_text_features is not None:
             return self._frozen_text_features
-        return class_text_features(self.backend, task.classes, ensemble=False)
+        return self.training_text_features(task.classes)
+
+    def training_text_features(self, classes) -> torch.Tensor:
+        """One normalised text embedding per class for the loss: ``template`` when set, else each
+        class's first template."""
+        return class_text_features(self.backend, classes, ensemble=False, template=self.config.template)
+
+    def encode_classes(self, classes, task_index):
+        """Evaluation: the template ensemble, or only ``template`` when set (LifeLong-CLIP evaluates
+        with its one training prompt, ``models/adapter_clip.py:40,60,75-83`` @ bf20b82)."""
+        if self.config.template is None:
+            return super().encode_classes(classes, task_index)
+        return class_text_features(self.backend, classes, ensemble=False, template=self.config.template)
 
     def batch_label_space(self, task, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Text features of the classes present in ``targets`` only, and the targets re-indexed into them."""
@@ -145,7 +204,7 @@ class Finetune(Strategy):
         if self._frozen_text_features is not None:
             features = self._frozen_text_features[present]
         else:
-            features = class_text_features(self.backend, [task.classes[int(i)] for i in present], ensemble=False)
+            features = self.training_text_features([task.classes[int(i)] for i in present])
         return features, torch.searchsorted(present, targets)
 
     def forward(self, batch, task):
@@ -156,7 +215,12 @@ class Finetune(Strategy):
         else:
             text_features = self.task_text_features(task)
         logits = clip_logits(image_features, text_features, self.backend.logit_scale)
-        loss = classification_loss(logits, targets, self.config.label_smoothing)
+        if self.config.cross_entropy_on_probabilities:
+            # LifeLong-CLIP's loss (models/adapter_clip.py:90, methods/adapter_clip.py:96-97 @ bf20b82):
+            # cross-entropy of the softmax probabilities, so the probabilities are softmaxed again.
+            loss = classification_loss(logits.softmax(dim=-1), targets, self.config.label_smoothing)
+        else:
+            loss = classification_loss(logits, targets, self.config.label_smoothing)
         return {"loss": loss, "accuracy": (logits.argmax(dim=-1) == targets).float().mean().detach()}
 
     def after_task(self, task) -> None:

@@ -27,7 +27,6 @@ import torch
 
 from clipcl.config import ConfigError
 from clipcl.losses import classification_loss, clip_logits, distillation_kl, normalize
-from clipcl.strategies.base import class_text_features
 from clipcl.strategies.finetune import Finetune, FinetuneConfig
 from clipcl.strategies.teacher import Teacher
 
@@ -93,7 +92,7 @@ class LwF(Finetune):
         self._frozen_old_text = None
         if self._old_classes and not self.text_trains:
             with torch.no_grad():  # a frozen text tower: the old classes' features are fixed
-                self._frozen_old_text = class_text_features(self.backend, self._old_classes, ensemble=False)
+                self._frozen_old_text = self.training_text_features(self._old_classes)
         self._task = task
 
     def on_new_classes(self, task) -> None:
@@ -134,7 +133,7 @@ class LwF(Finetune):
         if self._old_classes:
             old_text = self._frozen_old_text
             if old_text is None:
-                old_text = class_text_features(self.backend, self._old_classes, ensemble=False)
+                old_text = self.training_text_features(self._old_classes)
             distilled = clip_logits(image_features, torch.cat([old_text, task_text]), self.backend.logit_scale)
         teacher_logits = self._teacher.logits(self._teacher.image_features(images), self._teacher_text)
         distill = distillation_kl(distilled, teacher_logits, self.config.temperature)

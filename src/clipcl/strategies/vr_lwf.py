@@ -38,7 +38,6 @@ import torch
 from clipcl.config import ConfigError
 from clipcl.data.sources import CURRENT_TASK, ReferenceSpec
 from clipcl.losses import classification_loss, clip_logits, distillation_kl, normalize
-from clipcl.strategies.base import class_text_features
 from clipcl.strategies.finetune import Finetune, FinetuneConfig
 from clipcl.strategies.teacher import Teacher
 
@@ -233,7 +232,7 @@ class VRLwF(Finetune):
             self._teacher_class_text = self._teacher.class_features(self._old_classes + list(task.classes))
             if not self.text_trains:
                 with torch.no_grad():
-                    self._frozen_old_text = class_text_features(self.backend, self._old_classes, ensemble=False)
+                    self._frozen_old_text = self.training_text_features(self._old_classes)
 
     def after_task(self, task) -> None:
         super().after_task(task)
@@ -299,7 +298,7 @@ class VRLwF(Finetune):
         if self._old_classes:
             old = self._frozen_old_text
             if old is None:
-                old = class_text_features(self.backend, self._old_classes, ensemble=False)
+                old = self.training_text_features(self._old_classes)
             seen_logits = clip_logits(distilled_features, torch.cat([old, class_features]), scale)
             teacher_seen_logits = self._teacher.logits(teacher_images, self._teacher_class_text)
             seen = distillation_kl(seen_logits, teacher_seen_logits, temperature)
