@@ -88,7 +88,7 @@ class LwF(Finetune):
         self._old_classes = ([c for c in self._seen if c not in current]
                              if self.config.distill_classes == "seen" else [])
         # The teacher's features of every distilled class: the old ones first, then the task's.
-        self._teacher_text = self._teacher.class_features(self._old_classes + list(task.classes))
+        self._teacher_text = self._teacher.class_features(self._old_classes + list(task.classes), self.config.template)
         self._frozen_old_text = None
         if self._old_classes and not self.text_trains:
             with torch.no_grad():  # a frozen text tower: the old classes' features are fixed
@@ -98,7 +98,7 @@ class LwF(Finetune):
     def on_new_classes(self, task) -> None:
         super().on_new_classes(task)
         if self._teacher is not None:
-            self._teacher_text = self._teacher.class_features(self._old_classes + list(task.classes))
+            self._teacher_text = self._teacher.class_features(self._old_classes + list(task.classes), self.config.template)
 
     def after_step(self, step: int) -> None:
         super().after_step(step)
@@ -106,7 +106,7 @@ class LwF(Finetune):
         if every is not None and self._teacher is not None and (step + 1) % every == 0 and self._task is not None:
             self._teacher = None
             self._teacher = Teacher(self.backend)
-            self._teacher_text = self._teacher.class_features(self._old_classes + list(self._task.classes))
+            self._teacher_text = self._teacher.class_features(self._old_classes + list(self._task.classes), self.config.template)
 
     def online_state(self) -> dict[str, torch.Tensor]:
         # A refreshed teacher is the model of some earlier step, which no checkpoint holds otherwise.
@@ -119,7 +119,7 @@ class LwF(Finetune):
             return
         self._teacher.backend.load_state_dict({name[len("teacher."):]: tensor for name, tensor in tensors.items()})
         if self._task is not None:
-            self._teacher_text = self._teacher.class_features(self._old_classes + list(self._task.classes))
+            self._teacher_text = self._teacher.class_features(self._old_classes + list(self._task.classes), self.config.template)
 
     def forward(self, batch, task):
         images, targets = batch["images"], batch["targets"]

@@ -79,9 +79,10 @@ class Teacher:
         return normalize(self.backend.encode_text(tokens.to(self.device)))
 
     @torch.no_grad()
-    def class_features(self, classes: list[ClassText]) -> torch.Tensor:
-        """Normalised text features of each class's first prompt (as the training losses use)."""
-        return class_text_features(self.backend, classes, ensemble=False)
+    def class_features(self, classes: list[ClassText], template: str | None = None) -> torch.Tensor:
+        """Normalised text features of each class's prompt as the training losses use it: ``template``
+        when given (the student's ``strategy.template``), else each class's first template."""
+        return class_text_features(self.backend, classes, ensemble=False, template=template)
 
     @torch.no_grad()
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

@@ -229,7 +229,7 @@ class VRLwF(Finetune):
         self._old_classes = [c for c in self._seen if c not in current] if settings["seen_classes_kl"] else []
         self._teacher_class_text = self._frozen_old_text = None
         if self._old_classes:
-            self._teacher_class_text = self._teacher.class_features(self._old_classes + list(task.classes))
+            self._teacher_class_text = self._teacher.class_features(self._old_classes + list(task.classes), self.config.template)
             if not self.text_trains:
                 with torch.no_grad():
                     self._frozen_old_text = self.training_text_features(self._old_classes)
