@@ -232,3 +232,16 @@ def test_online_run_with_reaugmentation_is_deterministic(tiny_run_config, tmp_pa
     assert first["anytime"] == again["anytime"] and first["losses_first_last"] == again["losses_first_last"]
     # The tiny open_clip model's training transform is random, so re-augmenting changes the run.
     assert first["losses_first_last"] != once["losses_first_last"]
+
+
+def test_replayed_samples_do_not_repeat_the_streams_augmentations():
+    """torch keeps only the low 32 bits of a seed; the draw numbers of replayed samples (2**40 and up)
+    must still give other augmentations than the stream's own draws."""
+    from clipcl.data.streams import draw_seed
+    from clipcl.engine.batches import REPLAY_DRAWS, VIEW_DRAWS
+
+    seeds = {draw_seed(7, draw) for draw in range(64)}
+    assert len(seeds) == 64
+    assert not seeds & {draw_seed(7, REPLAY_DRAWS + draw) for draw in range(64)}
+    assert not seeds & {draw_seed(7, VIEW_DRAWS + draw) for draw in range(64)}
+    assert all(0 <= seed < 2**32 for seed in seeds)  # what torch's generator keeps

@@ -18,6 +18,7 @@ Everything is deterministic given the seed.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -74,6 +75,17 @@ class HeldOut:
     target_of_label: dict[int, int]
 
 
+def draw_seed(augmentation_seed: int, draw: int) -> int:
+    """The seed of one sample's augmentation: a 32-bit digest of (run seed, draw number).
+
+    torch's CPU generator keeps only the low 32 bits of a seed, so offsets such as the replayed
+    samples' draw numbers (``2**40`` and up) would otherwise repeat the stream's own augmentations.
+    A digest makes every (seed, draw) pair give an unrelated seed.
+    """
+    digest = hashlib.blake2b(f"{int(augmentation_seed)}/{int(draw)}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
 class LabelledView(Dataset):
     """A dataset seen through a transform and a label map: items are (tensor, target index).
 
@@ -98,7 +110,7 @@ class LabelledView(Dataset):
             index, draw = item
             image, label = self.dataset[index]
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((self.augmentation_seed or 0) * 1_000_003 + draw)
+                torch.manual_seed(draw_seed(self.augmentation_seed or 0, draw))
                 pixels = self.transform(image)
             return pixels, self.target_of_label[int(label)]
         image, label = self.dataset[item]

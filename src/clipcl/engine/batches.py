@@ -19,12 +19,12 @@ from torch.utils.data import Dataset, Sampler
 
 from clipcl.config.schema import ConfigError
 from clipcl.data.memory import ReservoirMemory
+from clipcl.data.streams import draw_seed
 
 Item = tuple[int, int, int, int, int]  # (experience, index, augmentation seed, draw, part)
 REPLAY_DRAWS = 1 << 40  # draw numbers of replayed samples start here, apart from the stream's own
-# View v > 0 of a sample (online re-augmentation) adds v * VIEW_DRAWS to its draw. torch's CPU
-# generator keeps only the low 32 bits of a seed, so the offset must change those bits: a large odd
-# number below 2**32 (the golden-ratio constant) moves views far from every stream position.
+# View v > 0 of a sample (online re-augmentation) adds v * VIEW_DRAWS to its draw. (Draw numbers are
+# hashed into the augmentation seed, clipcl.data.streams.draw_seed, so any offset separates them.)
 VIEW_DRAWS = 0x9E3779B1
 
 
@@ -160,7 +160,7 @@ class StreamImages(Dataset):
         experience, index, seed, draw, part = item
         image, label = self.datasets[experience][index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1_000_003 + draw)
+            torch.manual_seed(draw_seed(seed, draw))
             pixels = self.transform(image)
         return pixels, int(label), experience, int(index), part
 
