@@ -68,16 +68,19 @@ def class_text_features(backend: Backend, classes: list[ClassText], ensemble: bo
     return torch.stack(features)
 
 
-def hash_module(module: nn.Module) -> str:
+def hash_module(module: nn.Module, memo_on: nn.Module | None = None, memo_name: str = "") -> str:
     """A digest of every parameter and buffer of ``module``: equal digests mean equal weights.
 
     Hashing a large tower costs time, and the evaluator asks once per task per row, so the digest
     is memoised against each tensor's identity, storage and in-place version counter (every
-    optimizer step or ``copy_`` bumps the version, so a changed weight is never missed).
+    optimizer step or ``copy_`` bumps the version, so a changed weight is never missed). The memo
+    lives on ``module``, or on ``memo_on`` under ``memo_name`` for a view built anew at each call
+    (an open_clip text tower).
     """
     state = sorted(module.state_dict(keep_vars=True).items())
     signature = tuple((name, id(tensor), tensor.data_ptr(), tensor._version) for name, tensor in state)
-    memo = module.__dict__.get("_clipcl_digest_memo")
+    holder, slot = (memo_on, f"_clipcl_digest_memo_{memo_name}") if memo_on is not None else (module, "_clipcl_digest_memo")
+    memo = holder.__dict__.get(slot)
     if memo is not None and memo[0] == signature:
         return memo[1]
     digest = hashlib.sha256()
@@ -86,7 +89,7 @@ def hash_module(module: nn.Module) -> str:
         digest.update(str(tensor.dtype).encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     result = digest.hexdigest()[:24]
-    module.__dict__["_clipcl_digest_memo"] = (signature, result)
+    holder.__dict__[slot] = (signature, result)
     return result
 
 
@@ -182,3 +185,12 @@ class Strategy(nn.Module):
         """
         backend = self.backend
         return f"{backend.model_id}|{backend.preprocess_id}|{hash_module(backend.image_tower)}"
+
+    def text_cache_key(self, task_index: int | None) -> str | None:
+        """A key for cached class text features (``encode_classes``), or None when they cannot be
+        cached. The default: the model id and a digest of the text tower's weights (the tokenizer
+        belongs to the model id); the evaluator adds the prompts and the numerics
+        (:mod:`clipcl.eval.text_cache`). A subclass that overrides ``encode_classes`` must override
+        this too, or its text features are not cached across rows."""
+        backend = self.backend
+        return f"{backend.model_id}|ensemble|{hash_module(backend.text_tower, backend, 'text_tower')}"
