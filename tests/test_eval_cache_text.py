@@ -116,3 +116,11 @@ def test_the_image_key_holds_the_batch_size(tiny_run_config):
     _, strategy, stream, _ = _setup(tiny_run_config, {"name": "finetune"})
     dataset, image_key = stream.tasks[0].test, strategy.image_cache_key(None)
     assert FeatureCache.key_for(image_key, dataset, CPU, 16) != FeatureCache.key_for(image_key, dataset, CPU, 32)
+
+
+def test_the_evaluation_batch_size_is_the_users_or_the_devices():
+    from clipcl.eval.evaluator import AUTO_BATCH_SIZE, eval_batch_size
+
+    assert eval_batch_size(7, torch.device("cpu")) == 7
+    assert eval_batch_size(None, torch.device("cpu")) == AUTO_BATCH_SIZE["cpu"]
+    assert eval_batch_size(None, torch.device("cuda")) == AUTO_BATCH_SIZE["cuda"]

@@ -43,7 +43,7 @@ from clipcl.data.online_stream import ONLINE_PROTOCOL, Arrivals
 from clipcl.engine.batches import OnlineChunks, PlanSampler, StreamImages, collate_plan
 from clipcl.engine.context import RunContext, RunError, host_facts, run_facts, write_results
 from clipcl.engine.trainer import ExperienceStats, grouped, grouped_views
-from clipcl.eval.evaluator import count_correct
+from clipcl.eval.evaluator import count_correct, eval_batch_size
 from clipcl.eval.metrics import retention
 
 
@@ -57,7 +57,8 @@ def anytime_accuracy(context: RunContext, arrivals: Arrivals) -> float:
     subset = SubsetDataset(stream.test, indices)
     correct, total = count_correct(context.strategy, subset, list(arrivals.task.classes),
                                    dict(arrivals.task.target_of_label), None, context.runtime,
-                                   context.config.eval.batch_size, context.cache, False)
+                                   eval_batch_size(context.config.eval.batch_size, context.runtime.device),
+                                   context.cache, False)
     return 100.0 * correct / total
 
 
@@ -65,7 +66,9 @@ def heldout_accuracies(context: RunContext) -> list[float]:
     values = []
     for held in context.stream.heldout:
         correct, total = count_correct(context.strategy, held.test, held.classes, held.target_of_label, None,
-                                       context.runtime, context.config.eval.batch_size, context.cache, False)
+                                       context.runtime,
+                                       eval_batch_size(context.config.eval.batch_size, context.runtime.device),
+                                       context.cache, False)
         values.append(100.0 * correct / total)
     return values
 

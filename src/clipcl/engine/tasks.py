@@ -38,7 +38,7 @@ from clipcl.engine.context import (
 )
 from clipcl.engine.trainer import ExperienceStats, grouped
 from clipcl.eval import metrics as metrics_module
-from clipcl.eval.evaluator import evaluate_row
+from clipcl.eval.evaluator import eval_batch_size, evaluate_row
 from clipcl.eval.retrieval import evaluate_retrieval
 
 
@@ -164,7 +164,7 @@ def run_task_stream(context: RunContext, stop_after_task: int | None) -> dict[st
     context.trainer.global_step = sum(progress.get("train_steps", []))
     images = stream_images(context)
 
-    batch_size = config.eval.batch_size
+    batch_size = eval_batch_size(config.eval.batch_size, runtime.device)
     retrieval_sets = context.retrieval_sets
     if "zero_shot_row" not in progress:
         if config.eval.zero_shot_row:

@@ -29,6 +29,16 @@ from clipcl.eval.cache import FeatureCache
 from clipcl.eval.text_cache import RowText, stream_classes
 from clipcl.strategies.base import Strategy
 
+AUTO_BATCH_SIZE = {"cpu": 16, "cuda": 256}
+"""``eval.batch_size`` when unset, by device type: on CPU the per-image time of a bare encode rises
+with the batch (benchmarks/eval_batch_curve.py); on a GPU, the previous default (not measured here)."""
+
+
+def eval_batch_size(batch_size: int | None, device: torch.device) -> int:
+    """The user's ``eval.batch_size``, or the device's default. A fixed table, never a timing taken
+    at run time, so a run's numbers do not depend on the machine's load."""
+    return batch_size if batch_size is not None else AUTO_BATCH_SIZE.get(device.type, 256)
+
 
 class _ImagesOnly(torch.utils.data.Dataset):
     def __init__(self, dataset: ClassificationDataset, transform):
@@ -211,5 +221,5 @@ def evaluate_row(
     return row, heldout, time.perf_counter() - started
 
 
-__all__ = ["LabelledView", "count_correct", "encode_dataset", "evaluate_row", "image_features", "predict",
-           "routed_image_features"]
+__all__ = ["AUTO_BATCH_SIZE", "LabelledView", "count_correct", "encode_dataset", "eval_batch_size", "evaluate_row",
+           "image_features", "predict", "routed_image_features"]
