@@ -124,3 +124,16 @@ def test_the_evaluation_batch_size_is_the_users_or_the_devices():
     assert eval_batch_size(7, torch.device("cpu")) == 7
     assert eval_batch_size(None, torch.device("cpu")) == AUTO_BATCH_SIZE["cpu"]
     assert eval_batch_size(None, torch.device("cuda")) == AUTO_BATCH_SIZE["cuda"]
+
+
+def test_reading_the_loss_every_few_steps_records_the_same_losses(tiny_run_config):
+    losses = []
+    for read_every in (1, 3):
+        config, strategy, stream, context = _setup(tiny_run_config, {"name": "finetune"})
+        config.train.max_steps_per_task = 4
+        context.trainer.read_every = read_every
+        task = stream.tasks[0]
+        strategy.before_task(task)
+        seed_everything(task_seed(config.seed, 0))
+        losses.append(train_one_task(context, task).losses)
+    assert len(losses[0]) == 4 and losses[0] == losses[1]

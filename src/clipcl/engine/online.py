@@ -231,7 +231,8 @@ def run_online_stream(context: RunContext, stop_after_samples: int | None) -> di
         # An own generator: the loader must not draw from the global one (dropout's), which the
         # stream's earlier versions never touched here.
         loader = DataLoader(images, batch_sampler=plans, num_workers=train_config.num_workers,
-                            collate_fn=collate_plan, generator=torch.Generator().manual_seed(config.seed))
+                            collate_fn=collate_plan, generator=torch.Generator().manual_seed(config.seed),
+                            pin_memory=runtime.device.type == "cuda")
         groups = grouped(loader, accumulation) if views == 1 else grouped_views(loader, accumulation, views)
     else:
         groups = grouped(({} for _ in plans), accumulation)  # nothing trains: positions only, no images
