@@ -93,7 +93,10 @@ class Trainer:
             return False
         config = self.config
         self.runtime.start_task()
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
+        # Never the fused kernel (torch may pick it by default some day): it does not bump the
+        # weights' version counters, which the evaluation caches' digest memo relies on (hash_module).
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay,
+                                           fused=False)
         total = max(total_steps, 1)
         step_size = None
         if schedule == "step":
