@@ -45,6 +45,7 @@ from clipcl.engine.context import RunContext, RunError, host_facts, run_facts, w
 from clipcl.engine.trainer import ExperienceStats, grouped, grouped_views
 from clipcl.eval.evaluator import count_correct, eval_batch_size
 from clipcl.eval.metrics import retention
+from clipcl.eval.text_cache import RowText, stream_classes
 
 
 def anytime_accuracy(context: RunContext, arrivals: Arrivals) -> float:
@@ -58,17 +59,23 @@ def anytime_accuracy(context: RunContext, arrivals: Arrivals) -> float:
     correct, total = count_correct(context.strategy, subset, list(arrivals.task.classes),
                                    dict(arrivals.task.target_of_label), None, context.runtime,
                                    eval_batch_size(context.config.eval.batch_size, context.runtime.device),
-                                   context.cache, False)
+                                   context.cache, False, _row_text(context))
     return 100.0 * correct / total
 
 
+def _row_text(context: RunContext) -> RowText:
+    # One canonical encode of every class of the stream per model state, cached across evaluations
+    # (the seen classes only grow, and a frozen text tower is then encoded once per run).
+    return RowText(context.strategy, stream_classes(context.stream), context.runtime, context.cache)
+
+
 def heldout_accuracies(context: RunContext) -> list[float]:
-    values = []
+    values, text = [], _row_text(context)
     for held in context.stream.heldout:
         correct, total = count_correct(context.strategy, held.test, held.classes, held.target_of_label, None,
                                        context.runtime,
                                        eval_batch_size(context.config.eval.batch_size, context.runtime.device),
-                                       context.cache, False)
+                                       context.cache, False, text)
         values.append(100.0 * correct / total)
     return values
 

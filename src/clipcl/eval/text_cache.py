@@ -14,6 +14,9 @@ the text tower's weights, the prompt mode), a digest of the canonical prompts, a
 :meth:`FeatureCache.key_for`. A strategy that trains its text tower changes the digest at every step,
 so it gets no stale hit; one that overrides ``encode_classes`` or ``encode_classes_routed`` below the
 class that defines its ``text_cache_key`` is not cached across rows (:func:`cacheable_text_key`).
+
+Online anytime evaluations do the same with every class of the online stream: each evaluation takes
+the classes seen so far out of one canonical encode, so a frozen text tower is encoded once per run.
 """
 
 from __future__ import annotations
@@ -22,15 +25,16 @@ import hashlib
 
 import torch
 
-from clipcl.data.streams import ClassText, Stream
+from clipcl.data.streams import ClassText
 from clipcl.eval.cache import FeatureCache
 
 
-def stream_classes(stream: Stream) -> list[ClassText]:
-    """Every distinct class (name and templates) of the stream's tasks, then of its held-out sets."""
+def stream_classes(stream) -> list[ClassText]:
+    """Every distinct class (name and templates) of the stream's tasks (an online stream: all its
+    classes, in label order), then of its held-out sets."""
     seen: dict[ClassText, None] = {}
-    for task in stream.tasks:
-        seen.update(dict.fromkeys(task.classes))
+    for classes in [task.classes for task in stream.tasks] if hasattr(stream, "tasks") else [stream.classes]:
+        seen.update(dict.fromkeys(classes))
     for held in stream.heldout:
         seen.update(dict.fromkeys(held.classes))
     return list(seen)
