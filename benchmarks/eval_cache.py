@@ -23,7 +23,7 @@ from clipcl.data.streams import build_stream
 from clipcl.engine.runtime import Runtime
 from clipcl.engine.tasks import standalone_context, train_one_task
 from clipcl.eval.cache import FeatureCache
-from clipcl.eval.evaluator import evaluate_row
+from clipcl.eval.evaluator import eval_batch_size, evaluate_row
 from clipcl.models import build_backend
 from clipcl.run import seed_everything, task_seed
 from clipcl.strategies import build_strategy
@@ -62,7 +62,7 @@ def main() -> None:
             strategy.after_task(task)
         for mode in ("uncached", "cached"):
             started = time.perf_counter()
-            row, _, _ = evaluate_row(strategy, stream, after_task, runtime, config.eval.batch_size,
+            row, _, _ = evaluate_row(strategy, stream, after_task, runtime, eval_batch_size(config.eval.batch_size, runtime.device),
                                      cache if mode == "cached" else None, show_progress=False)
             timings[mode] += time.perf_counter() - started
             matrices[mode].append(row)

@@ -244,6 +244,10 @@ def test_mixture_reads_the_pre_norm_stream_and_mixes_the_top_k_experts():
                 expert = layer.experts[index]
                 expected[sample] += 0.1 * weight * expert.up(torch.relu(expert.down(stream[sample])))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # The dense, host-sync-free form (a GPU's evaluation path) mixes the same experts.
+    layer.sync_free = True
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_hf_clip_towers_take_mixtures_and_stay_exact(tmp_path):

@@ -7,7 +7,9 @@ import torch
 
 from clipcl.config import ConfigError, StreamConfig
 from clipcl.data.memory import ReservoirMemory
+from clipcl.data.online_stream import build_online_stream
 from clipcl.data.streams import build_stream
+from clipcl.eval.text_cache import RowText, stream_classes
 from clipcl.models.tiny import tiny_open_clip_backend
 from clipcl.run import RunError, run_experiment
 from clipcl.strategies.finetune import Finetune, FinetuneConfig
@@ -98,3 +100,27 @@ def test_er_reservoir_keeps_a_bounded_uniform_memory():
     assert memory.seen == 200 and all(0 <= index < 200 for index in indices)
     # Not simply the first or the last ten samples.
     assert sorted(indices) != list(range(10)) and sorted(indices) != list(range(190, 200))
+
+
+@pytest.mark.parametrize("train", ["image", "all"])
+def test_online_text_features_come_from_one_canonical_encode_cached_or_not(tiny_run_config, tmp_path, monkeypatch,
+                                                                          train):
+    encodes = []
+    original = RowText._encode
+    monkeypatch.setattr(RowText, "_encode", lambda self, classes, *rest: encodes.append(len(classes))
+                        or original(self, classes, *rest))
+    results = {}
+    for cached in (True, False):
+        config = online_config(tiny_run_config, {"name": "finetune", "train": train}, tmp_path, f"run-{cached}")
+        config.eval.feature_cache = cached
+        encodes.clear()
+        results[cached] = run_experiment(config, show_progress=False)
+        evaluations = len(results[cached]["anytime"]["samples"]) + 2  # the curve, held-out before and after
+        assert set(encodes) == {len(stream_classes(build_online_stream(config.stream, config.seed)))}
+        # With the cache, a frozen text tower is encoded once per run, and a trained one once per model
+        # state (the held-out sets after the stream see the curve's last state).
+        assert len(encodes) == (evaluations if not cached else 1 if train == "image" else evaluations - 1)
+    for result in results.values():
+        result["metrics"].pop("train_samples_per_second")  # a timing
+    for key in ("anytime", "heldout", "metrics"):
+        assert results[True][key] == results[False][key]

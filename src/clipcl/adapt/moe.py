@@ -96,6 +96,7 @@ class MoEAdapter(AdaptationWrapper):
         self.register_buffer("frozen", torch.zeros(num_experts, dtype=torch.bool))
         self.active_router: int | None = None
         self.training_mode = False  # router noise and adapter dropout; set by the strategy
+        self.sync_free: bool | None = None  # None: dense mixing on a GPU in evaluation (see _sync_free)
         self._captured: torch.Tensor | None = None
         self._hook = None
         if input_from is not None:
@@ -129,6 +130,14 @@ class MoEAdapter(AdaptationWrapper):
             return expert(x.permute(0, 2, 3, 1), self.training_mode).permute(0, 3, 1, 2)
         return expert(x, self.training_mode)
 
+    def _sync_free(self, x: torch.Tensor) -> bool:
+        """Whether to mix densely: ``sync_free`` when set, else on a GPU without gradients (evaluation).
+        Training keeps the gathered form: there an unchosen expert must get no gradient (None, which
+        AdamW skips), not a zero one (which it would decay)."""
+        if self.sync_free is not None:
+            return self.sync_free
+        return x.is_cuda and not torch.is_grad_enabled()
+
     def mixture(self, x: torch.Tensor) -> torch.Tensor:
         router = self.routers[self.active_router]
         indices, weights = router(self.route_tokens(x), self.top_k, noisy=self.training_mode)
@@ -137,14 +146,21 @@ class MoEAdapter(AdaptationWrapper):
                 self.selection_counts.device)
         batch_dim = 1 if self.layout == "lbd" else 0
         output = torch.zeros_like(x)
+        shape = [1] * x.dim()
+        shape[batch_dim] = -1
+        if self._sync_free(x):
+            # Every expert on every sample, weighted by its gate weight (zero where not chosen): no
+            # host synchronisation, at num_experts / top_k times the (small) adapter compute.
+            for expert_index, expert in enumerate(self.experts):
+                weight = (weights * (indices == expert_index)).sum(dim=-1).to(x.dtype)
+                output = output + self._apply_expert(expert, x) * weight.view(shape)
+            return self.scale * output
         # Each expert runs once, on the samples that chose it; a sample's result uses only its own rows.
         for expert_index in indices.unique().tolist():
             chosen = indices == expert_index
             samples = chosen.any(dim=-1).nonzero().squeeze(-1)
             weight = (weights * chosen).sum(dim=-1)[samples].to(x.dtype)
             inputs = x.index_select(batch_dim, samples)
-            shape = [1] * x.dim()
-            shape[batch_dim] = -1
             update = self._apply_expert(self.experts[expert_index], inputs) * weight.view(shape)
             output.index_add_(batch_dim, samples, update)
         return self.scale * output

@@ -160,7 +160,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def config_fingerprint(config: RunConfig) -> str:
     """What must match for a run to be resumed: everything that changes a number. Left out: where
     outputs go, the label, the observers (they only read events) and the evaluation settings that
-    change only how features are computed or stored (``eval.batch_size``: predictions are per image;
+    change only how features are computed or stored (``eval.batch_size``: predictions are per image,
+    though another size may change a feature's last bits and so a prediction on a near-tie;
     ``eval.feature_cache``, ``eval.cache_dir``: a cached feature is the one computed). The rest of
     ``eval`` stays in: a resume with other retrieval sets or another zero-shot setting would mix rows
     measured two ways. The data itself is checked separately (progress.json's ``data``)."""

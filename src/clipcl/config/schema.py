@@ -221,8 +221,11 @@ class TrainConfig:
 class EvalConfig:
     """Evaluation after each task."""
 
-    batch_size: int = 256
-    """Images per evaluation batch. Never changes a number: predictions are per image."""
+    batch_size: int | None = None
+    """Images per evaluation batch; None: chosen for the device (16 on CPU, 256 on a GPU; see
+    docs/performance.md). Predictions are per image, but matmul kernels depend on the batch size, so
+    another size may change a feature's last bits (and a prediction on a near-tie); the feature
+    cache keys by it."""
     feature_cache: bool = True
     """Reuse image features while the image tower's weights are unchanged."""
     cache_dir: str | None = None
@@ -245,7 +248,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         """Raise ConfigError, with a one-line message, on a value out of range."""
-        check_integer("eval.batch_size", self.batch_size, 1)
+        check_integer("eval.batch_size", self.batch_size, 1, optional=True)
         check_integer("eval.retrieval_images", self.retrieval_images, 1, optional=True)
         check_integer("eval.eval_period", self.eval_period, 1)
 

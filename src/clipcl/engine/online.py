@@ -43,8 +43,9 @@ from clipcl.data.online_stream import ONLINE_PROTOCOL, Arrivals
 from clipcl.engine.batches import OnlineChunks, PlanSampler, StreamImages, collate_plan
 from clipcl.engine.context import RunContext, RunError, host_facts, run_facts, write_results
 from clipcl.engine.trainer import ExperienceStats, grouped, grouped_views
-from clipcl.eval.evaluator import count_correct
+from clipcl.eval.evaluator import count_correct, eval_batch_size
 from clipcl.eval.metrics import retention
+from clipcl.eval.text_cache import RowText, stream_classes
 
 
 def anytime_accuracy(context: RunContext, arrivals: Arrivals) -> float:
@@ -57,15 +58,24 @@ def anytime_accuracy(context: RunContext, arrivals: Arrivals) -> float:
     subset = SubsetDataset(stream.test, indices)
     correct, total = count_correct(context.strategy, subset, list(arrivals.task.classes),
                                    dict(arrivals.task.target_of_label), None, context.runtime,
-                                   context.config.eval.batch_size, context.cache, False)
+                                   eval_batch_size(context.config.eval.batch_size, context.runtime.device),
+                                   context.cache, False, _row_text(context))
     return 100.0 * correct / total
 
 
+def _row_text(context: RunContext) -> RowText:
+    # One canonical encode of every class of the stream per model state, cached across evaluations
+    # (the seen classes only grow, and a frozen text tower is then encoded once per run).
+    return RowText(context.strategy, stream_classes(context.stream), context.runtime, context.cache)
+
+
 def heldout_accuracies(context: RunContext) -> list[float]:
-    values = []
+    values, text = [], _row_text(context)
     for held in context.stream.heldout:
         correct, total = count_correct(context.strategy, held.test, held.classes, held.target_of_label, None,
-                                       context.runtime, context.config.eval.batch_size, context.cache, False)
+                                       context.runtime,
+                                       eval_batch_size(context.config.eval.batch_size, context.runtime.device),
+                                       context.cache, False, text)
         values.append(100.0 * correct / total)
     return values
 
@@ -228,7 +238,8 @@ def run_online_stream(context: RunContext, stop_after_samples: int | None) -> di
         # An own generator: the loader must not draw from the global one (dropout's), which the
         # stream's earlier versions never touched here.
         loader = DataLoader(images, batch_sampler=plans, num_workers=train_config.num_workers,
-                            collate_fn=collate_plan, generator=torch.Generator().manual_seed(config.seed))
+                            collate_fn=collate_plan, generator=torch.Generator().manual_seed(config.seed),
+                            pin_memory=runtime.device.type == "cuda")
         groups = grouped(loader, accumulation) if views == 1 else grouped_views(loader, accumulation, views)
     else:
         groups = grouped(({} for _ in plans), accumulation)  # nothing trains: positions only, no images

@@ -106,7 +106,8 @@ class Runtime:
         so a 2-process fit equals a 1-process one. Returns the loss of every step.
         """
         parameters = [parameter for parameter in module.parameters() if parameter.requires_grad]
-        optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+        # Not fused: see Trainer (the fused kernel does not bump version counters).
+        optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, fused=False)
         losses = []
         with torch.enable_grad():
             for step in range(steps):

@@ -38,7 +38,7 @@ from clipcl.engine.context import (
 )
 from clipcl.engine.trainer import ExperienceStats, grouped
 from clipcl.eval import metrics as metrics_module
-from clipcl.eval.evaluator import evaluate_row
+from clipcl.eval.evaluator import eval_batch_size, evaluate_row
 from clipcl.eval.retrieval import evaluate_retrieval
 
 
@@ -73,7 +73,8 @@ def train_task(context: RunContext, task, images: StreamImages) -> ExperienceSta
     trainer.step_sources = context.step_sources
     plans = PlanSampler(batches, task.index, task_seed(context.config.seed, task.index), task.train.labels,
                         context.memory)
-    loader = DataLoader(images, batch_sampler=plans, num_workers=config.num_workers, collate_fn=collate_plan)
+    loader = DataLoader(images, batch_sampler=plans, num_workers=config.num_workers, collate_fn=collate_plan,
+                        pin_memory=context.runtime.device.type == "cuda")
     context.observers.experience_started(task.name, task.index, total_steps)
     trainer.train_groups(grouped(loader, config.grad_accumulation), task, stats, max_steps=total_steps)
     context.observers.experience_finished(task.name, task.index, {
@@ -164,11 +165,14 @@ def run_task_stream(context: RunContext, stop_after_task: int | None) -> dict[st
     context.trainer.global_step = sum(progress.get("train_steps", []))
     images = stream_images(context)
 
-    batch_size = config.eval.batch_size
+    batch_size = eval_batch_size(config.eval.batch_size, runtime.device)
+    # Loader workers for evaluation on a GPU (they change no number: preprocessing is deterministic).
+    workers = config.train.num_workers if runtime.device.type == "cuda" else 0
     retrieval_sets = context.retrieval_sets
     if "zero_shot_row" not in progress:
         if config.eval.zero_shot_row:
-            row, heldout, seconds = evaluate_row(strategy, stream, -1, runtime, batch_size, cache, show_progress)
+            row, heldout, seconds = evaluate_row(strategy, stream, -1, runtime, batch_size, cache, show_progress,
+                                                 num_workers=workers)
             retrieval = retrieval_row(strategy, retrieval_sets, batch_size)
         else:  # eval.zero_shot_row=false: nothing is measured before training; metrics that need it are left out
             row, heldout, seconds, retrieval = None, None, None, {}
@@ -188,7 +192,7 @@ def run_task_stream(context: RunContext, stop_after_task: int | None) -> dict[st
         stats = train_task(context, task, images)
         strategy.after_task(task)
         row, heldout, eval_seconds = evaluate_row(strategy, stream, task.index, runtime, batch_size, cache,
-                                                  show_progress)
+                                                  show_progress, num_workers=workers)
         step = context.trainer.global_step
         context.observers.evaluated("row", step, {f"task/{t.name}": value for t, value in zip(stream.tasks, row)})
         if heldout:

@@ -75,6 +75,10 @@ class Trainer:
         self.scheduler = None
         self.parameters: list[torch.nn.Parameter] = []
         self.step_sources: dict = {}  # name -> ReferenceSource, drawn once per forward
+        #: Steps between host reads of the loss: every step on CPU (no cost there); on a GPU every
+        #: 25, so the loop never waits for the device only to log (divergence is caught at the read).
+        self.read_every = 1 if runtime.device.type == "cpu" else 25
+        self._pending: list = []
         self.forward_calls = 0  # per-step source draws so far (a resumed online run skips as many)
         # (experience number, dataset label) -> ClassText, for replayed samples; set by the stream driver.
         self.class_of = None
@@ -89,7 +93,10 @@ class Trainer:
             return False
         config = self.config
         self.runtime.start_task()
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
+        # Never the fused kernel (torch may pick it by default some day): it does not bump the
+        # weights' version counters, which the evaluation caches' digest memo relies on (hash_module).
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay,
+                                           fused=False)
         total = max(total_steps, 1)
         step_size = None
         if schedule == "step":
@@ -110,12 +117,12 @@ class Trainer:
         """
         device = self.runtime.device
         target_of_label = experience.target_of_label
-        moved = {"images": batch["images"].to(device), "labels": batch["labels"], "indices": batch["indices"],
+        moved = {"images": batch["images"].to(device, non_blocking=True), "labels": batch["labels"], "indices": batch["indices"],
                  "targets": torch.tensor([target_of_label[int(label)] for label in batch["labels"]],
                                          dtype=torch.long, device=device)}
         replay = batch.get("replay")
         if replay is not None and self.class_of is not None:
-            moved["replay"] = {**replay, "images": replay["images"].to(device),
+            moved["replay"] = {**replay, "images": replay["images"].to(device, non_blocking=True),
                                "classes": [self.class_of(int(source), int(label))
                                            for source, label in zip(replay["experiences"], replay["labels"])]}
         return moved
@@ -128,7 +135,7 @@ class Trainer:
         with self.runtime.autocast():
             outputs = self.strategy(batch, experience)
         loss = outputs["loss"]
-        if not torch.isfinite(loss):
+        if self.read_every == 1 and not torch.isfinite(loss):
             # A user's setting (a learning rate too high, fp16 overflow), not a bug: one line, and the
             # last checkpoint stays in force.
             raise TrainingDiverged(f"the training loss became {loss.item()} at step {self.global_step} of "
@@ -176,7 +183,8 @@ class Trainer:
                     step_loss += loss.detach().float() / share
                     for name, value in outputs.items():
                         if name != "loss" and isinstance(value, torch.Tensor) and value.numel() == 1:
-                            terms[name] = terms.get(name, 0.0) + float(value) / share
+                            term = value.detach().float() if self.read_every > 1 else float(value)
+                            terms[name] = terms.get(name, 0.0) + term / share
                     replayed = len(batch["replay"]["images"]) if "replay" in batch else 0
                     stats.examples += (len(batch["images"]) + replayed) * runtime.world_size
                 runtime.sync_gradients(self.parameters)
@@ -187,16 +195,33 @@ class Trainer:
                 stats.steps += 1
                 self.global_step += 1
                 # The step's loss over all its micro-batches and processes, for logging.
-                loss_value = float(runtime.all_reduce_sum(step_loss)) / runtime.world_size
-                stats.losses.append(loss_value)
-                if self.observers is not None:
-                    # Named loss terms are this process's; the loss is the mean over processes.
-                    self.observers.step(experience.name, stats.steps, self.global_step,
-                                        {"loss": loss_value, "lr": self.scheduler.get_last_lr()[0], **terms})
+                self._pending.append((experience.name, stats.steps, self.global_step,
+                                      runtime.all_reduce_sum(step_loss), self.scheduler.get_last_lr()[0], terms))
+                if len(self._pending) >= self.read_every:
+                    self._read_losses(stats)
             if max_steps is not None and stats.steps >= max_steps:
                 break
+        self._read_losses(stats)
         strategy.eval()
         stats.seconds += time.perf_counter() - started
+
+    def _read_losses(self, stats: ExperienceStats) -> None:
+        """Read the pending steps' losses on the host (one synchronisation for all of them), record
+        them and hand them to the observers; a non-finite one ends training (``TrainingDiverged``)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        values = torch.stack([loss.float() for _, _, _, loss, _, _ in pending]).cpu().tolist()
+        for (name, step, global_step, _, lr, terms), total in zip(pending, values):
+            loss_value = total / self.runtime.world_size
+            if self.read_every > 1 and not math.isfinite(loss_value):
+                raise TrainingDiverged(f"the training loss became {loss_value} at step {global_step} of {name}; "
+                                       f"lower train.lr (now {self.config.lr:g}) or use train.precision=fp32")
+            stats.losses.append(loss_value)
+            if self.observers is not None:
+                # Named loss terms are this process's; the loss is the mean over processes.
+                self.observers.step(name, step, global_step,
+                                    {"loss": loss_value, "lr": lr, **{key: float(value) for key, value in terms.items()}})
 
 
 def grouped_views(batches: Iterable[dict], size: int, views: int) -> Iterator[list[list[dict]]]:

@@ -11,8 +11,11 @@ feature:
 - the dataset's content fingerprint (pixels, or files' relative paths, sizes and sampled bytes; see
   :meth:`~clipcl.data.base.ClassificationDataset.fingerprint`) and its local stamp (every file's
   mtime, size and inode), so a changed file is never served from an old entry;
-- the process's shard, the autocast precision (bf16 features differ from fp32 ones), the device
+- the process's shard, the evaluation batch size (kernels are chosen by batch size, so the last
+  bits may depend on it), the autocast precision (bf16 features differ from fp32 ones), the device
   type (and GPU model), the torch release and the float32 matmul setting.
+
+Class text features use the same store under keys of their own (:mod:`clipcl.eval.text_cache`).
 
 A read is verified: the file's format tag, the row count the caller expects, and a sha256 of the
 features. Anything that does not match, or a file that cannot be read, is a miss (counted in
@@ -53,13 +56,16 @@ class FeatureCache:
         return hashlib.sha256(f"{image_key}||{dataset_fingerprint}||{shard}||{numerics}".encode()).hexdigest()[:32]
 
     @classmethod
-    def key_for(cls, image_key: str, dataset, runtime) -> str:
-        """The key of ``dataset``'s features through ``image_key`` on this process of ``runtime``."""
+    def key_for(cls, image_key: str, dataset, runtime, batch_size: int | None = None) -> str:
+        """The key of ``dataset``'s features through ``image_key`` on this process of ``runtime``,
+        encoded in batches of ``batch_size`` (matmul kernels, hence last bits, depend on it)."""
         # What changes a feature's rounding: the autocast precision, the device (and GPU model), the
         # torch release and the float32 matmul setting (TF32 on a GPU).
         numerics = [runtime.precision, runtime.device.type, torch.__version__, torch.get_float32_matmul_precision()]
         if runtime.device.type == "cuda":
             numerics.append(torch.cuda.get_device_name(runtime.device))
+        if batch_size is not None:
+            numerics.append(f"batch={batch_size}")
         return cls.make_key(image_key, f"{dataset.fingerprint()}|{dataset.local_stamp()}",
                             f"{runtime.rank}/{runtime.world_size}", "|".join(numerics))
 

@@ -2,9 +2,15 @@
 
 Every image is classified on its own: its features depend only on its own pixels (models are in
 eval mode, no batch statistics), and the prediction is the argmax over the label space of the
-cosine similarity with the class prompts. The evaluation batch size and which images share a batch
-change no number. Under data parallelism each process evaluates its shard and (correct, total)
-counts are summed, so the result is exact, not an average of averages.
+cosine similarity with the class prompts. Under data parallelism each process evaluates its shard
+and (correct, total) counts are summed, so the result is exact, not an average of averages.
+
+What the batch does and does not change: an image's features depend on its own pixels only, but
+CPU (and GPU) matmul kernels are chosen by the batch's size, so the last bits of a feature may differ
+between two evaluation batch sizes; predictions (float64 similarities) change only on a near-tie.
+So the image-feature cache key holds the batch size, and the class text features of a row come from
+one canonical encode (:mod:`clipcl.eval.text_cache`): a cached feature is always the one the
+uncached path computes, and the matrices with and without the caches are identical by construction.
 """
 
 from __future__ import annotations
@@ -20,7 +26,18 @@ from clipcl.data.base import ClassificationDataset
 from clipcl.data.streams import ClassText, LabelledView, Stream
 from clipcl.engine.runtime import Runtime
 from clipcl.eval.cache import FeatureCache
+from clipcl.eval.text_cache import RowText, stream_classes
 from clipcl.strategies.base import Strategy
+
+AUTO_BATCH_SIZE = {"cpu": 16, "cuda": 256}
+"""``eval.batch_size`` when unset, by device type: on CPU the per-image time of a bare encode rises
+with the batch (benchmarks/eval_batch_curve.py); on a GPU, the previous default (not measured here)."""
+
+
+def eval_batch_size(batch_size: int | None, device: torch.device) -> int:
+    """The user's ``eval.batch_size``, or the device's default. A fixed table, never a timing taken
+    at run time, so a run's numbers do not depend on the machine's load."""
+    return batch_size if batch_size is not None else AUTO_BATCH_SIZE.get(device.type, 256)
 
 
 class _ImagesOnly(torch.utils.data.Dataset):
@@ -88,7 +105,7 @@ def encode_dataset(
     labels = dataset.labels[indices] if len(indices) else np.zeros(0, dtype=np.int64)
     cache_key = None
     if image_key is not None and cache is not None and cache.enabled:
-        cache_key = FeatureCache.key_for(image_key, dataset, runtime)
+        cache_key = FeatureCache.key_for(image_key, dataset, runtime, batch_size)
         cached = cache.get(cache_key, rows=len(indices))
         if cached is not None:
             return cached.to(runtime.device), None, labels
@@ -98,12 +115,12 @@ def encode_dataset(
     # (Creating a loader's iterator draws a seed from it, and a cache hit creates none, so a run's
     # numbers would otherwise depend on whether its features were cached.)
     loader = DataLoader(view, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        generator=torch.Generator())
+                        generator=torch.Generator(), pin_memory=runtime.device.type == "cuda")
     chunks, route_chunks = [], []
     for images in tqdm(loader, desc=f"encode {dataset.name}/{dataset.split}", leave=False,
                        disable=not (show_progress and runtime.is_main), dynamic_ncols=True):
         with runtime.autocast():
-            features, routes = encode(images.to(runtime.device))
+            features, routes = encode(images.to(runtime.device, non_blocking=True))
         chunks.append(features.float())
         route_chunks.append(routes)
     features = torch.cat(chunks) if chunks else torch.zeros(0, backend.embed_dim, device=runtime.device)
@@ -125,22 +142,24 @@ def predict(
     batch_size: int = 256,
     cache: FeatureCache | None = None,
     show_progress: bool = False,
+    text: RowText | None = None,
+    num_workers: int = 0,
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """Per-image predicted class indices (into ``classes``) for this process's shard, and its labels."""
+    """Per-image predicted class indices (into ``classes``) for this process's shard, and its labels.
+    ``text``: the row's class text features (None: ``classes`` are encoded here, as asked)."""
     features, routes, labels = routed_image_features(strategy, dataset, task_index, runtime, batch_size, cache,
-                                                     show_progress)
+                                                     show_progress, num_workers)
+    text = text if text is not None else RowText(strategy, [], runtime, None)
     # float64 for the similarities: ties and near-ties resolve the same on every batch layout.
     if routes is None:
-        with runtime.autocast():
-            text = strategy.encode_classes(classes, task_index).float()
-        return (features.double() @ text.double().t()).argmax(dim=-1).cpu(), labels
+        class_features = text.features(classes, task_index)
+        return (features.double() @ class_features.double().t()).argmax(dim=-1).cpu(), labels
     # Each image against the class features of its own route.
     predictions = torch.zeros(len(features), dtype=torch.long)
     for route in routes.unique().tolist():
         rows = (routes == route).nonzero().squeeze(-1)
-        with runtime.autocast():
-            text = strategy.encode_classes_routed(classes, task_index, route).float()
-        predictions[rows.cpu()] = (features[rows].double() @ text.double().t()).argmax(dim=-1).cpu()
+        class_features = text.features(classes, task_index, route)
+        predictions[rows.cpu()] = (features[rows].double() @ class_features.double().t()).argmax(dim=-1).cpu()
     return predictions, labels
 
 
@@ -154,9 +173,12 @@ def count_correct(
     batch_size: int,
     cache: FeatureCache | None,
     show_progress: bool = False,
+    text: RowText | None = None,
+    num_workers: int = 0,
 ) -> tuple[int, int]:
-    """(correct, total) over the whole dataset, summed over processes."""
-    predictions, labels = predict(strategy, dataset, classes, task_index, runtime, batch_size, cache, show_progress)
+    """(correct, total) over the whole dataset, summed over processes (``text``: see :func:`predict`)."""
+    predictions, labels = predict(strategy, dataset, classes, task_index, runtime, batch_size, cache, show_progress,
+                                  text, num_workers)
     targets = torch.tensor([target_of_label[int(label)] for label in labels], dtype=torch.long)
     counts = torch.tensor([int((predictions == targets).sum()), len(targets)], dtype=torch.long,
                           device=runtime.device if runtime.world_size > 1 else "cpu")
@@ -172,27 +194,32 @@ def evaluate_row(
     batch_size: int,
     cache: FeatureCache | None,
     show_progress: bool = True,
+    shared_text: bool = True,
+    num_workers: int = 0,
 ) -> tuple[list[float], list[float], float]:
     """Accuracy (%) on every task of the stream and on every held-out set; also the seconds taken.
 
-    ``after_task`` is -1 for the zero-shot row.
+    ``after_task`` is -1 for the zero-shot row. The class text features come from one canonical encode
+    per model state (:class:`~clipcl.eval.text_cache.RowText`); ``shared_text=False`` encodes each
+    task's label space on its own instead, as clipcl did before (benchmarks compare the two).
     """
     started = time.perf_counter()
     strategy.eval()
+    text = RowText(strategy, stream_classes(stream) if shared_text else [], runtime, cache)
     row = []
     for task in stream.tasks:
         classes, target_of_label = stream.eval_label_space(after_task, task.index)
         task_index = task.index if stream.task_id_at_test else None
         correct, total = count_correct(strategy, task.test, classes, target_of_label, task_index, runtime,
-                                       batch_size, cache, show_progress)
+                                       batch_size, cache, show_progress, text, num_workers)
         row.append(100.0 * correct / total)
     heldout = []
     for held in stream.heldout:
         correct, total = count_correct(strategy, held.test, held.classes, held.target_of_label, None, runtime,
-                                       batch_size, cache, show_progress)
+                                       batch_size, cache, show_progress, text, num_workers)
         heldout.append(100.0 * correct / total)
     return row, heldout, time.perf_counter() - started
 
 
-__all__ = ["LabelledView", "count_correct", "encode_dataset", "evaluate_row", "image_features", "predict",
-           "routed_image_features"]
+__all__ = ["AUTO_BATCH_SIZE", "LabelledView", "count_correct", "encode_dataset", "eval_batch_size", "evaluate_row",
+           "image_features", "predict", "routed_image_features"]

@@ -68,25 +68,34 @@ def class_text_features(backend: Backend, classes: list[ClassText], ensemble: bo
     return torch.stack(features)
 
 
-def hash_module(module: nn.Module) -> str:
+def hash_module(module: nn.Module, memo_on: nn.Module | None = None, memo_name: str = "") -> str:
     """A digest of every parameter and buffer of ``module``: equal digests mean equal weights.
 
     Hashing a large tower costs time, and the evaluator asks once per task per row, so the digest
-    is memoised against each tensor's identity, storage and in-place version counter (every
-    optimizer step or ``copy_`` bumps the version, so a changed weight is never missed).
+    is memoised against each tensor's identity, storage, version counter, shape and dtype. Optimizer
+    steps (for-loop or foreach), ``load_state_dict``, weight averaging and other in-place ops bump the
+    version; ``param.data = x`` changes the storage, and the memo keeps the tensors it saw, so a freed
+    storage's address cannot come back for a new one (tests/test_hash_memo.py). Not seen, so never
+    done by clipcl between evaluations: in-place ops on ``param.data``, writes through a numpy or
+    DLPack alias, the fused optimizer kernels (the trainer asks for ``fused=False``). The memo lives
+    on ``module``, or on ``memo_on`` under ``memo_name`` for a view built anew at each call (an
+    open_clip text tower).
     """
     state = sorted(module.state_dict(keep_vars=True).items())
-    signature = tuple((name, id(tensor), tensor.data_ptr(), tensor._version) for name, tensor in state)
-    memo = module.__dict__.get("_clipcl_digest_memo")
+    signature = tuple((name, id(tensor), tensor.data_ptr(), tensor._version, tensor.shape, tensor.dtype)
+                      for name, tensor in state)
+    holder, slot = (memo_on, f"_clipcl_digest_memo_{memo_name}") if memo_on is not None else (module, "_clipcl_digest_memo")
+    memo = holder.__dict__.get(slot)
     if memo is not None and memo[0] == signature:
         return memo[1]
     digest = hashlib.sha256()
     for name, tensor in state:
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        # The buffer itself, not a bytes copy of it (the copy was 40% of the time on CPU).
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     result = digest.hexdigest()[:24]
-    module.__dict__["_clipcl_digest_memo"] = (signature, result)
+    holder.__dict__[slot] = (signature, result, [tensor.detach() for _, tensor in state])
     return result
 
 
@@ -182,3 +191,12 @@ class Strategy(nn.Module):
         """
         backend = self.backend
         return f"{backend.model_id}|{backend.preprocess_id}|{hash_module(backend.image_tower)}"
+
+    def text_cache_key(self, task_index: int | None) -> str | None:
+        """A key for cached class text features (``encode_classes``), or None when they cannot be
+        cached. The default: the model id and a digest of the text tower's weights (the tokenizer
+        belongs to the model id); the evaluator adds the prompts and the numerics
+        (:mod:`clipcl.eval.text_cache`). A subclass that overrides ``encode_classes`` must override
+        this too, or its text features are not cached across rows."""
+        backend = self.backend
+        return f"{backend.model_id}|ensemble|{hash_module(backend.text_tower, backend, 'text_tower')}"

@@ -198,6 +198,10 @@ class Finetune(Strategy):
             return super().encode_classes(classes, task_index)
         return class_text_features(self.backend, classes, ensemble=False, template=self.config.template)
 
+    def text_cache_key(self, task_index):
+        key = super().text_cache_key(task_index)
+        return key if self.config.template is None else f"{key}|template={self.config.template!r}"
+
     def batch_label_space(self, task, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Text features of the classes present in ``targets`` only, and the targets re-indexed into them."""
         present = torch.unique(targets)  # sorted

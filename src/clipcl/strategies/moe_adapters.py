@@ -296,6 +296,9 @@ class MoEAdapters(Strategy):
     def image_cache_key(self, task_index: int | None) -> str | None:
         return None  # the features depend on each image's route
 
+    def text_cache_key(self, task_index: int | None) -> str | None:
+        return None  # routed text paths (and the router state) shape the features: not cached across rows
+
     # --- reporting -----------------------------------------------------------------------------------
     def parameter_report(self) -> dict[str, int]:
         """Counted from the modules: what trains, what one task adds, what is stored in total."""
