@@ -281,7 +281,8 @@ def test_ddas_trains_on_the_zero_shot_models_cached_features(tiny_run_config, tm
     seed_everything(0)
     zero_shot = build_strategy(build_backend(tiny_run_config(dict(MOE)).model), {"name": "zero_shot"}).eval()
     runtime = Runtime(torch.device("cpu"))
-    key = FeatureCache.key_for(zero_shot.image_cache_key(None), task.train, runtime)
+    # DDAS encodes in batches of 128; the batch size is part of the key (kernels depend on it).
+    key = FeatureCache.key_for(zero_shot.image_cache_key(None), task.train, runtime, 128)
     cached = cache.get(key)
     assert cached is not None  # written while fitting the task's autoencoder
     fresh, _ = image_features(zero_shot, task.train, None, runtime, batch_size=128, cache=None)
