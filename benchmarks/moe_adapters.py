@@ -52,6 +52,8 @@ METHODS: dict[str, tuple[dict, float]] = {
               "reference_texts_dataset": "cifar100", "average_every": 10}, 1e-4),
     "moe_no_ddas": ({"name": "moe_adapters", "selector": "none"}, 5e-3),
     "moe_ddas": ({"name": "moe_adapters", "selector": "ddas"}, 5e-3),
+    # DDAS with the official code's autoencoder shape and recipe (docs/moe_adapters.md, fidelity.md B4).
+    "moe_ddas_official": ({"name": "moe_adapters", "selector": "ddas", "ddas_shape": "official"}, 5e-3),
 }
 PROTOCOLS = ("multi_domain", "xtail")
 METRICS = [("transfer", "Transfer"), ("avg", "Avg"), ("last", "Last"), ("bwt", "BWT"),

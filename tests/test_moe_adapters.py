@@ -366,11 +366,11 @@ def test_ddas_official_recipe_steps_adam_at_the_official_rates(monkeypatch):
     import clipcl.engine.runtime as runtime_module
     from clipcl.strategies.moe_adapters import MoEAdaptersConfig
 
-    recipe = MoEAdaptersConfig().ddas_recipe()
+    recipe = MoEAdaptersConfig(ddas_shape="official").ddas_recipe()
     assert recipe == {"lr": 1e-2, "weight_decay": 1e-4, "lr_decay_epochs": 10, "batch_size": 64,
                       "reference_steps": 1000}
-    assert MoEAdaptersConfig().ddas_steps == 300 and MoEAdaptersConfig().ddas_shape == "official"
-    old = MoEAdaptersConfig(ddas_shape="relu_mlp").ddas_recipe()
+    assert MoEAdaptersConfig().ddas_steps == 300 and MoEAdaptersConfig().ddas_shape == "relu_mlp"
+    old = MoEAdaptersConfig().ddas_recipe()  # relu_mlp, the default
     assert old == {"lr": 1e-3, "weight_decay": 0.0, "lr_decay_epochs": 0, "batch_size": 128, "reference_steps": 300}
     assert MoEAdaptersConfig(ddas_lr=0.5).ddas_recipe()["lr"] == 0.5  # a set value wins over the shape's
 

@@ -60,11 +60,12 @@ class MoEAdaptersConfig(StrategyConfig):
     selector: str = "ddas"
     """Routing at test time: ``ddas`` (per-image autoencoders, zero-shot fallback) or ``none`` (the most
     recent router for every image)."""
-    ddas_shape: str = "official"
-    """The autoencoders' shape and training recipe (:mod:`clipcl.strategies.ddas`): ``official``
-    (sigmoid on the features, ``Linear -> ReLU -> Linear -> Sigmoid``, MSE, as the official code) or
-    ``relu_mlp`` (clipcl's earlier ``Linear -> ReLU -> Linear`` on the raw features; with the other
-    ``ddas_*`` settings unset it reproduces earlier clipcl numbers)."""
+    ddas_shape: str = "relu_mlp"
+    """The autoencoders' shape and training recipe (:mod:`clipcl.strategies.ddas`): ``relu_mlp`` (the
+    default: ``Linear -> ReLU -> Linear`` on the raw features) or ``official`` (sigmoid on the
+    features, ``Linear -> ReLU -> Linear -> Sigmoid``, MSE, Adam at 0.01, as the official code). On
+    unit-norm CLIP-style embeddings the official shape tells the domains apart much worse (measured:
+    docs/moe_adapters.md), so it is an option, not the default."""
     ddas_hidden: int = 100
     """Hidden width of each autoencoder (100 in the official code)."""
     ddas_steps: int = 300
