@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 
 import torch
+from seeded import machine, write_json
 
 from clipcl.config.schema import ModelConfig
 from clipcl.models import build_backend
@@ -69,14 +68,11 @@ def main() -> None:
         "model": args.model, "device": args.device, "images": args.images, "rounds": args.rounds,
         "ms_per_image": {str(t): {str(b): round(1000 * statistics.median(v), 3) for b, v in per.items()}
                          for t, per in curve.items()},
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "torch": torch.__version__,
     }
     print(json.dumps(result, indent=2))
-    if args.output:
-        os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-        with open(args.output, "w") as handle:
-            json.dump(result, handle, indent=2)
+    write_json(args.output, result)
 
 
 if __name__ == "__main__":

@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 
 import torch
+from seeded import machine, write_json
 
 from clipcl.config import load_config
 from clipcl.data.streams import build_stream
 from clipcl.engine.runtime import Runtime
-from clipcl.engine.tasks import standalone_context, train_one_task
+from clipcl.engine.tasks import model_states, standalone_context
 from clipcl.eval.cache import FeatureCache
 from clipcl.eval.evaluator import eval_batch_size, evaluate_row
 from clipcl.models import build_backend
-from clipcl.run import seed_everything, task_seed
+from clipcl.run import seed_everything
 from clipcl.strategies import build_strategy
 
 
@@ -53,13 +52,7 @@ def main() -> None:
 
     timings = {"cached": 0.0, "uncached": 0.0}
     matrices = {"cached": [], "uncached": []}
-    for after_task in range(-1, len(stream.tasks)):
-        if after_task >= 0:
-            task = stream.tasks[after_task]
-            strategy.before_task(task)
-            seed_everything(task_seed(config.seed, after_task))
-            train_one_task(context, task)
-            strategy.after_task(task)
+    for after_task in model_states(context):
         for mode in ("uncached", "cached"):
             started = time.perf_counter()
             row, _, _ = evaluate_row(strategy, stream, after_task, runtime, eval_batch_size(config.eval.batch_size, runtime.device),
@@ -76,14 +69,11 @@ def main() -> None:
         "speedup": round(timings["uncached"] / timings["cached"], 2),
         "cache_hits": cache.hits, "cache_misses": cache.misses,
         "matrices_identical": True,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}",
+        "machine": f"{machine()}, torch threads {args.threads}",
         "torch": torch.__version__,
     }
     print(json.dumps(result, indent=2))
-    if args.output:
-        os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-        with open(args.output, "w") as handle:
-            json.dump(result, handle, indent=2)
+    write_json(args.output, result)
 
 
 if __name__ == "__main__":

@@ -21,22 +21,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 
 import torch
+from seeded import machine, write_json
 from torch.utils.data import DataLoader, Subset
 
 from clipcl.config import load_config
 from clipcl.data.streams import build_stream
 from clipcl.engine.runtime import Runtime
-from clipcl.engine.tasks import standalone_context, train_one_task
+from clipcl.engine.tasks import model_states, standalone_context
 from clipcl.eval.cache import FeatureCache
 from clipcl.eval.evaluator import _ImagesOnly, eval_batch_size, evaluate_row
 from clipcl.eval.text_cache import stream_classes
 from clipcl.models import build_backend
-from clipcl.run import seed_everything, task_seed
+from clipcl.run import seed_everything
 from clipcl.strategies import build_strategy
 from clipcl.strategies.base import class_text_features
 
@@ -82,13 +81,7 @@ def measure(model: str, stream_name: str, kind: str, args) -> dict:
     seconds = {"new": 0.0, "old": 0.0, "bare": 0.0}
     rows: dict[str, list] = {"new": [], "old": []}
     modes = list(seconds)
-    for state, after_task in enumerate(range(-1, len(stream.tasks))):
-        if after_task >= 0:
-            task = stream.tasks[after_task]
-            strategy.before_task(task)
-            seed_everything(task_seed(config.seed, after_task))
-            train_one_task(context, task)
-            strategy.after_task(task)
+    for state, after_task in enumerate(model_states(context)):
         strategy.eval()
         for mode in modes[state % 3:] + modes[: state % 3]:
             started = time.perf_counter()
@@ -127,12 +120,9 @@ def main() -> None:
                 results.append(measure(model, stream_name, kind, args))
                 print(json.dumps(results[-1]), flush=True)
     summary = {"results": results, "threads": args.threads, "test_samples_per_task": args.test_samples,
-               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+               "machine": machine(),
                "torch": torch.__version__}
-    if args.output:
-        os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-        with open(args.output, "w") as handle:
-            json.dump(summary, handle, indent=2)
+    write_json(args.output, summary)
 
 
 if __name__ == "__main__":

@@ -46,3 +46,20 @@ def write_summary(path: str | Path, record: dict, markdown: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
     path.with_suffix(".md").write_text(markdown)
+
+
+def write_json(path: str | Path | None, record: dict) -> None:
+    """``record`` as indented JSON at ``path`` (nothing when ``path`` is None), its folder made."""
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+
+
+def machine() -> str:
+    """The processor (or architecture) and the core count, for a results file."""
+    import os
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"

@@ -6,7 +6,7 @@ import torch
 
 from clipcl.data.streams import build_stream
 from clipcl.engine.runtime import Runtime
-from clipcl.engine.tasks import standalone_context, train_one_task
+from clipcl.engine.tasks import model_states, standalone_context, train_one_task
 from clipcl.eval.cache import FeatureCache
 from clipcl.eval.evaluator import evaluate_row
 from clipcl.eval.text_cache import RowText, cacheable_text_key, stream_classes
@@ -33,13 +33,7 @@ def _setup(tiny_run_config, strategy, protocol="class_incremental"):
 def _matrices(config, strategy, stream, context, caches):
     """Every row on the same model states, once per cache (None: uncached)."""
     matrices = [[] for _ in caches]
-    for after_task in range(-1, len(stream.tasks)):
-        if after_task >= 0:
-            task = stream.tasks[after_task]
-            strategy.before_task(task)
-            seed_everything(task_seed(config.seed, after_task))
-            train_one_task(context, task)
-            strategy.after_task(task)
+    for after_task in model_states(context):
         for matrix, cache in zip(matrices, caches):
             row, heldout, _ = evaluate_row(strategy, stream, after_task, CPU, 7, cache, show_progress=False)
             matrix.append((row, heldout))

@@ -321,3 +321,17 @@ def standalone_context(config, strategy, stream, runtime, cache) -> RunContext:
 def train_one_task(context: RunContext, task) -> ExperienceStats:
     """``train_task`` with the stream's training images built here (see :func:`standalone_context`)."""
     return train_task(context, task, stream_images(context))
+
+
+def model_states(context: RunContext):
+    """Yield -1 (the model before training), then each task's index once the model has trained on it,
+    with the run's per-task seeding: the states a run evaluates, for benchmarks and tests that
+    evaluate each state several ways."""
+    config, strategy = context.config, context.strategy
+    yield -1
+    for task in context.stream.tasks:
+        strategy.before_task(task)
+        seed_everything(task_seed(config.seed, task.index))
+        train_one_task(context, task)
+        strategy.after_task(task)
+        yield task.index
