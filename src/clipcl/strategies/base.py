@@ -190,7 +190,7 @@ class Strategy(nn.Module):
         preprocessing identify the features.
         """
         backend = self.backend
-        return f"{backend.model_id}|{backend.preprocess_id}|{hash_module(backend.image_tower)}"
+        return f"{backend.model_id}|{backend.preprocess_id}|{hash_module(backend.image_tower, backend, 'image_tower')}"
 
     def text_cache_key(self, task_index: int | None) -> str | None:
         """A key for cached class text features (``encode_classes``), or None when they cannot be
