@@ -14,7 +14,8 @@ from PIL import Image
 
 from clipcl.data import offline
 from clipcl.data.base import ArrayImageDataset, DataError
-from clipcl.data.folders import CaptionDataset, ImageFolderDataset
+from clipcl.data.captions import CaptionDataset
+from clipcl.data.folders import ImageFolderDataset
 from clipcl.data.offline import SKIMAGE_PHOTOS, read_idx
 from clipcl.data.registry import (
     OFFLINE_DATASETS,

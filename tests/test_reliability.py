@@ -18,7 +18,8 @@ from clipcl.checkpoint import DamagedCheckpoint, load_checkpoint
 from clipcl.cli import main
 from clipcl.config import ConfigError
 from clipcl.data.base import DataError
-from clipcl.data.folders import CaptionDataset, ImageFolderDataset
+from clipcl.data.captions import CaptionDataset
+from clipcl.data.folders import ImageFolderDataset
 from clipcl.engine.run_folder import LOCK_NAME, MARKER_NAME, RunLock
 from clipcl.engine.trainer import TrainingDiverged
 from clipcl.run import RunError, run_experiment

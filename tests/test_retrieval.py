@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clipcl.data.folders import CaptionDataset
+from clipcl.data.captions import CaptionDataset
 from clipcl.data.synthetic import load_synthetic
 from clipcl.eval.retrieval import evaluate_retrieval, from_caption_dataset, recall_at_k, templated_captions
 from clipcl.models.tiny import tiny_open_clip_backend

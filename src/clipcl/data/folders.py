@@ -1,19 +1,15 @@
-"""Your own data: ImageFolder trees and image-caption files.
+"""Your own data: ImageFolder trees.
 
 - ``ImageFolderDataset``: ``root/train/<class>/...`` and ``root/test/<class>/...``, or just
   ``root/<class>/<image>`` (then a fixed per-class 80/20 split, seed 0); class names are the folder
   names with underscores as spaces. In a stream, name it ``imagefolder:/path/to/root``.
-- ``CaptionDataset``: image-caption pairs from CSV (``image,caption`` or open_clip's
-  ``filepath,title`` columns), JSONL (``{"image": ..., "caption": ...}``) or a Karpathy-style
-  COCO / Flickr30k JSON (``{"images": [{"filename", "sentences": [{"raw"}], "split"}]}``). Paths are
-  relative to the file's folder (or to ``image_root``).
+
+Image-caption files (``CaptionDataset``) live in :mod:`clipcl.data.captions`.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -123,118 +119,3 @@ class ImageFolderDataset(ClassificationDataset):
         if self._stamp is None:
             self._stamp = files_stamp(self.paths)
         return self._stamp
-
-
-class CaptionDataset:
-    """Image-caption pairs, one row per caption; ``dataset[i]`` is ``(RGB PIL image, caption)``.
-
-    ``captions[i]`` is row ``i``'s caption, ``image_paths[i]`` its image and ``image_ids[i]`` a
-    number shared by all rows of the same image (0, 1, ... in order of first appearance). Image paths
-    are relative to the caption file's folder unless ``image_root`` is given. For a Karpathy-style
-    JSON, ``split`` keeps only images of that split (``"train"`` also takes COCO's ``"restval"``).
-    Missing columns, keys or image files raise :class:`DataError` with one line.
-    """
-
-    def __init__(self, path: str | Path, image_root: str | Path | None = None, split: str | None = None) -> None:
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"caption file {path} does not exist")
-        base = Path(image_root) if image_root else path.parent
-        pairs = self._read(path, split)
-        if not pairs:
-            raise DataError(f"{path} holds no image-caption pairs" + (f" for split {split!r}" if split else ""))
-        self.path = path
-        self.image_paths = [base / image for image, _ in pairs]
-        self.captions = [caption for _, caption in pairs]
-        missing = next((image for image in self.image_paths if not image.is_file()), None)
-        if missing is not None:
-            raise DataError(f"{path}: image {missing} does not exist")
-        first_seen: dict[Path, int] = {}
-        self.image_ids = [first_seen.setdefault(image, len(first_seen)) for image in self.image_paths]
-
-    @staticmethod
-    def _read(path: Path, split: str | None) -> list[tuple[str, str]]:
-        suffix = path.suffix.lower()
-        if suffix in (".csv", ".tsv"):
-            return _read_csv(path)
-        if suffix == ".jsonl":
-            return _read_jsonl(path)
-        if suffix == ".json":
-            return _read_karpathy(path, split)
-        raise DataError(f"{path}: caption files must be .csv, .tsv, .jsonl or .json")
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, str]:
-        return open_image(self.image_paths[index]), self.captions[index]
-
-
-CSV_COLUMNS = (("image", "caption"), ("filepath", "title"))
-
-
-def read_caption_text(path: Path) -> str:
-    """A caption file's text, or one line naming the file when it is not UTF-8."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise DataError(f"caption file {path} is not UTF-8 text (byte {error.start})") from None
-
-
-def _read_csv(path: Path) -> list[tuple[str, str]]:
-    text = read_caption_text(path)
-    header = text.splitlines()[0] if text else ""
-    # open_clip writes tab-separated files, often named .csv: use a tab when the header has one.
-    delimiter = "\t" if path.suffix.lower() == ".tsv" or ("\t" in header and "," not in header) else ","
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
-    fields = reader.fieldnames or []
-    for image_key, caption_key in CSV_COLUMNS:
-        if image_key in fields and caption_key in fields:
-            break
-    else:
-        raise DataError(f"{path}: needs columns image,caption or filepath,title; found {', '.join(fields) or 'none'}")
-    pairs = []
-    for row in reader:
-        image, caption = row.get(image_key), row.get(caption_key)
-        if not image or caption is None:
-            raise DataError(f"{path}: line {reader.line_num} lacks {image_key} or {caption_key}")
-        pairs.append((image, caption))
-    return pairs
-
-
-def _read_jsonl(path: Path) -> list[tuple[str, str]]:
-    pairs = []
-    for number, line in enumerate(read_caption_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            image, caption = row["image"], row["caption"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f'{path}: line {number} is not {{"image": ..., "caption": ...}}') from None
-        if not isinstance(image, str) or not isinstance(caption, str) or not image:
-            raise DataError(f"{path}: line {number}: image and caption must be non-empty strings")
-        pairs.append((image, caption))
-    return pairs
-
-
-def _read_karpathy(path: Path, split: str | None) -> list[tuple[str, str]]:
-    """COCO / Flickr30k Karpathy JSON: ``{"images": [{"filename" or "file_path", optional "filepath"
-    (COCO's sub-folder), "split", "sentences": [{"raw": ...}]}]}``."""
-    wanted = None if split is None else ({split, "restval"} if split == "train" else {split})
-    try:
-        images = json.loads(read_caption_text(path))["images"]
-        pairs = []
-        for number, image in enumerate(images):
-            if wanted is not None and image.get("split") not in wanted:
-                continue
-            name = image.get("filename") or image.get("file_path")
-            if not name:
-                raise DataError(f"{path}: images[{number}] has no filename or file_path")
-            if image.get("filepath"):
-                name = str(Path(image["filepath"]) / name)
-            pairs.extend((name, sentence["raw"]) for sentence in image["sentences"])
-        return pairs
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise DataError(f"{path}: not a Karpathy-style caption JSON (images[].filename, images[].sentences[].raw)"
-                        ) from None

@@ -247,7 +247,7 @@ class CaptionSource(_PerStepSource):
     def __init__(self, spec: CaptionSpec, root: str | None, num_workers: int = 0) -> None:
         from pathlib import Path
 
-        from clipcl.data.folders import CaptionDataset
+        from clipcl.data.captions import CaptionDataset
 
         if spec.preprocess not in PREPROCESSING:
             raise DataError(f"caption preprocess must be one of {', '.join(PREPROCESSING)}, got {spec.preprocess!r}")

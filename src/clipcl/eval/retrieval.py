@@ -8,7 +8,7 @@ Definitions (as in the CLIP and "Don't Stop Learning" evaluations):
 
 Similarities are cosine similarities of normalised features; every image and every caption is
 encoded on its own (per-item, batch-independent), and ties are broken by index, the same way on every
-batch layout. Captioned sets come from real caption files (:class:`clipcl.data.folders.CaptionDataset`,
+batch layout. Captioned sets come from real caption files (:class:`clipcl.data.captions.CaptionDataset`,
 COCO / Flickr30k Karpathy JSON, CSV, JSONL) or, offline, from :func:`templated_captions`, which writes
 captions from class labels. Templated captions are not real captions: many images share one, so
 text -> image recall is bounded by the number of images per caption. Say so wherever they are used.
@@ -39,7 +39,7 @@ class CaptionedImages:
 
 
 def from_caption_dataset(dataset, name: str = "captions") -> CaptionedImages:
-    """Group a :class:`~clipcl.data.folders.CaptionDataset` (one row per caption) by image."""
+    """Group a :class:`~clipcl.data.captions.CaptionDataset` (one row per caption) by image."""
     first_row: dict[int, int] = {}
     for row, image_id in enumerate(dataset.image_ids):
         first_row.setdefault(image_id, row)
@@ -114,13 +114,13 @@ def load_captioned(spec: str, images: int | None = None, root: str | None = None
     """A retrieval set from ``eval.retrieval``: a caption file, or a dataset name to template.
 
     A caption file (``.json`` / ``.jsonl`` / ``.csv`` / ``.tsv``) is read with
-    :class:`~clipcl.data.folders.CaptionDataset`, all of it. A dataset name loads that dataset's test
+    :class:`~clipcl.data.captions.CaptionDataset`, all of it. A dataset name loads that dataset's test
     split and writes one caption per template for at most ``images`` class-balanced images.
     """
     from clipcl.data.base import DataError
 
     if spec.lower().endswith(CAPTION_SUFFIXES):
-        from clipcl.data.folders import CaptionDataset
+        from clipcl.data.captions import CaptionDataset
 
         return from_caption_dataset(CaptionDataset(spec), name=spec)
     from clipcl.data.registry import load_dataset
