@@ -91,6 +91,10 @@ def command_list(args: argparse.Namespace) -> int:
     for name in PROTOCOLS:
         print(f"  {name}")
     print("  si_blurry          (online: one pass, stochastic blurry task boundaries; docs/online.md)")
+    print("  captions           (phases of image-caption pairs, contrastive; docs/alignment.md)")
+    print("caption sets (captions: stream.datasets, stream.heldout):")
+    print("  tuxpaint, openclipart (Debian packages; drawings, not photos), a caption file (.json Karpathy, "
+          ".csv, .tsv, .jsonl) or webdataset shards (.tar, brace pattern)")
     print("stream orders (stream.datasets):")
     for name, datasets in STREAM_ORDERS.items():
         print(f"  {name:<14} {' -> '.join(datasets)}")

@@ -94,7 +94,9 @@ def run_summary_markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# {results['name']} — {results['protocol']} ({len(results['tasks'])} tasks), seed {results['seed']}",
         "",
-        "Accuracy (%) of each task's test images, per image; rows are the model after training each task.",
+        ("Mean R@1 (%) of image->text and text->image retrieval on each phase's test pairs; rows are the model "
+         "after training each phase." if results.get("protocol") == "captions" else
+         "Accuracy (%) of each task's test images, per image; rows are the model after training each task."),
         "",
         matrix_markdown(results),
         "",
@@ -112,6 +114,11 @@ def run_summary_markdown(results: dict[str, Any]) -> str:
         before_training = heldout.get("zero_shot") or [None] * len(heldout["datasets"])
         for name, before, after in zip(heldout["datasets"], before_training, final):
             lines.append(f"| {name} | {_number(before)} | {_number(after)} |")
+    from clipcl.report_alignment import alignment_markdown
+
+    alignment = alignment_markdown(results)
+    if alignment:
+        lines += ["", alignment]
     zero_shot_seconds = ""
     if accuracy_has_zero_shot_row(results) and timing.get("zero_shot_eval_seconds") is not None:
         zero_shot_seconds = f"{_number(timing['zero_shot_eval_seconds'])} (zero-shot), "
@@ -296,8 +303,8 @@ def _save_figure(figure, path: Path) -> None:
 
 
 def plot_run(results: dict[str, Any], directory: str | Path) -> list[Path]:
-    """Write accuracy_matrix.png and task_accuracy.png (online runs: anytime_accuracy.png) into
-    ``directory``, each atomically; returns their paths."""
+    """Write accuracy_matrix.png and task_accuracy.png (online runs: anytime_accuracy.png), and
+    alignment.png when the run measured alignment, into ``directory``, each atomically; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -337,7 +344,8 @@ def plot_run(results: dict[str, Any], directory: str | Path) -> list[Path]:
             axes.text(c, r, _number(float(matrix[r, c])), ha="center", va="center",
                       color="white" if matrix[r, c] < 60 else "black", fontsize=8)
     axes.set_xlabel("evaluated on task")
-    axes.set_title(f"{results['name']}: accuracy (%)")
+    measure = "mean R@1 (%)" if results.get("protocol") == "captions" else "accuracy (%)"
+    axes.set_title(f"{results['name']}: {measure}")
     figure.colorbar(image, ax=axes, fraction=0.04)
     figure.tight_layout()
     heatmap = directory / "accuracy_matrix.png"
@@ -353,7 +361,7 @@ def plot_run(results: dict[str, Any], directory: str | Path) -> list[Path]:
     task_ticks = [str(i + 1) for i in range(len(accuracy["rows"]))]
     axes.set_xticks(list(steps), (["zs"] if has_zero_shot_row else []) + task_ticks)
     axes.set_xlabel("after training task (zs = zero-shot)" if has_zero_shot_row else "after training task")
-    axes.set_ylabel("accuracy (%)")
+    axes.set_ylabel(measure)
     axes.set_ylim(0, 100)
     axes.set_title(f"{results['name']}: each task over the stream")
     axes.legend(fontsize=7)
@@ -363,4 +371,6 @@ def plot_run(results: dict[str, Any], directory: str | Path) -> list[Path]:
         _save_figure(figure, curves)
     finally:
         plt.close(figure)
-    return [heatmap, curves]
+    from clipcl.report_alignment import plot_alignment
+
+    return [heatmap, curves, *plot_alignment(results, directory, _save_figure)]

@@ -18,7 +18,7 @@ class ConfigError(UserError, ValueError):
 BACKENDS = ("starter", "open_clip", "hf")
 """Valid values of ``model.backend``."""
 LR_SCHEDULES = ("cosine", "constant", "step")
-PROTOCOLS = ("class_incremental", "multi_domain", "xtail", "si_blurry")
+PROTOCOLS = ("class_incremental", "multi_domain", "xtail", "si_blurry", "captions")
 """Valid values of ``stream.protocol``."""
 PRECISIONS = ("fp32", "bf16", "fp16")
 """Valid values of ``train.precision``."""
@@ -71,6 +71,10 @@ class ModelConfig:
     """open_clip: a pretrained tag (``openai``, downloads) or a local checkpoint file."""
     image_size: int | None = None
     """Override the input resolution (starter and open_clip; it trades speed for accuracy)."""
+    weights: str | None = None
+    """A ``.safetensors`` file of the backend's own weights (its ``state_dict()``, every key) loaded
+    after the model is built: to continue from an earlier training (Mod-X starts from a COCO-trained
+    CLIP; benchmarks/alignment.py from a Tux Paint phase). Read with safetensors, never pickle."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -81,6 +85,8 @@ class ModelConfig:
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"model.name must be a non-empty string, got {self.name!r}")
         check_integer("model.image_size", self.image_size, 1, optional=True)
+        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights.endswith(".safetensors")):
+            raise ConfigError(f"model.weights must be a .safetensors file (or null), got {self.weights!r}")
         if self.backend == "starter" and self.pretrained is not None:
             raise ConfigError("model.pretrained is not used by the starter backend (its weights ship in its packages)")
         if self.backend == "hf" and self.pretrained is not None:
@@ -97,12 +103,15 @@ class StreamConfig:
 
     protocol: str = "multi_domain"
     """``class_incremental``, ``multi_domain`` (MTIL, task id known), ``xtail`` (no domain id) or
-    ``si_blurry`` (one online stream with stochastic blurry task boundaries; see clipcl.engine.online)."""
+    ``si_blurry`` (one online stream with stochastic blurry task boundaries; see clipcl.engine.online) or
+    ``captions`` (phases of image-caption pairs trained contrastively; see clipcl.data.caption_stream)."""
     datasets: list[str] = field(default_factory=lambda: ["fashion_mnist", "mnist_5k", "digits"])
     """Datasets in training order (class_incremental uses the first one), or an order name
-    such as ``mtil_order_1``."""
+    such as ``mtil_order_1``. captions: caption sets (``tuxpaint``, ``openclipart``, a caption file, a
+    webdataset shard pattern), one phase each; a single set is cut into ``num_tasks`` contiguous phases."""
     num_tasks: int = 5
-    """Class-incremental: how many tasks the classes are split into. si_blurry: how many hidden tasks."""
+    """Class-incremental: how many tasks the classes are split into. si_blurry: how many hidden tasks.
+    captions with one caption set: how many contiguous phases it is cut into."""
     class_order_seed: int | None = None
     """Class-incremental only: seed of the class order (default: the run seed)."""
     train_samples_per_task: int | None = None
@@ -111,7 +120,8 @@ class StreamConfig:
     test_samples_per_task: int | None = None
     """Cap on test images per task (seeded, class-balanced subset); None keeps all."""
     heldout: list[str] = field(default_factory=list)
-    """Datasets never trained on, evaluated for zero-shot retention."""
+    """Datasets never trained on, evaluated for zero-shot retention (captions: caption sets, whose test
+    split is measured by retrieval)."""
     heldout_samples: int | None = None
     """Cap on held-out test images per dataset."""
     data_root: str | None = None
@@ -240,6 +250,14 @@ class EvalConfig:
     templates (templated, not real, captions; see docs/metrics.md)."""
     retrieval_images: int | None = 500
     """At most this many images per templated retrieval set (class-balanced, fixed seed); None: all."""
+    alignment: bool = True
+    """Measure image-text alignment (modality gap, alignment/uniformity, rotation against the zero-shot
+    and the previous model, similarity-structure correlation; docs/metrics.md) on every task's test set
+    and every held-out set, before training and after each task, from the features the accuracy
+    evaluation already computed (class prompts stand in for captions on labelled data)."""
+    alignment_images: int | None = 500
+    """At most this many images per set for the alignment measures (a fixed, class-balanced choice);
+    None: all. Their features are kept in the run folder, for the next row's rotation and on resume."""
     eval_period: int = 1000
     """si_blurry: evaluate on all classes seen so far every this many stream samples (and at the end)."""
 
@@ -250,6 +268,7 @@ class EvalConfig:
         """Raise ConfigError, with a one-line message, on a value out of range."""
         check_integer("eval.batch_size", self.batch_size, 1, optional=True)
         check_integer("eval.retrieval_images", self.retrieval_images, 1, optional=True)
+        check_integer("eval.alignment_images", self.alignment_images, 2, optional=True)
         check_integer("eval.eval_period", self.eval_period, 1)
 
 

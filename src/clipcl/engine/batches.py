@@ -183,3 +183,31 @@ def collate_plan(items: list[tuple[torch.Tensor, int, int, int, int]]) -> dict:
     batch = stack(parts[0])
     batch["replay"] = stack(parts[1])
     return batch
+
+
+class CaptionStreamImages(Dataset):
+    """The training pairs of a caption stream's phases through the training transform: an item is
+    (pixels, caption, image id, experience), its augmentation seeded as :class:`StreamImages` does."""
+
+    def __init__(self, datasets: dict[int, object], transform: Callable) -> None:
+        self.datasets, self.transform = datasets, transform
+
+    def __len__(self) -> int:
+        return sum(len(dataset) for dataset in self.datasets.values())
+
+    def __getitem__(self, item: Item) -> tuple[torch.Tensor, str, int, int]:
+        experience, row, seed, draw, _ = item
+        pairs = self.datasets[experience]
+        image, caption = pairs[row]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(draw_seed(seed, draw))
+            pixels = self.transform(image)
+        return pixels, caption, int(pairs.image_ids[row]), experience
+
+
+def collate_captions(items: list[tuple[torch.Tensor, str, int, int]]) -> dict:
+    """A caption micro-batch dict: ``images``, ``captions`` and ``image_ids`` (rows of one image share
+    an id, so a contrastive loss can count every caption of an image as a positive)."""
+    return {"images": torch.stack([pixels for pixels, *_ in items]),
+            "captions": [caption for _, caption, *_ in items],
+            "image_ids": torch.tensor([image_id for _, _, image_id, _ in items], dtype=torch.long)}

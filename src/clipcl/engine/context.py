@@ -122,6 +122,12 @@ class RunContext:
     """A damaged last checkpoint sends the run back to the last intact one instead of stopping it."""
     data: dict[str, str] = field(default_factory=dict)
     """Content fingerprint of every dataset that shapes a number (:func:`data_fingerprints`)."""
+    alignment: Any = None
+    """The :class:`~clipcl.engine.evaluation.AlignmentTracker` (its reference features), with ``eval.alignment``."""
+    online_alignment: dict[str, Any] = field(default_factory=dict)
+    """An online stream's alignment measures at its latest measured point (before or after the stream)."""
+    captioned: dict[str, Any] = field(default_factory=dict)
+    """A caption stream's test sets grouped by image for retrieval, built at their first evaluation."""
 
 
 def data_fingerprints(stream, sources: dict[str, Any], retrieval_sets: list[Any]) -> dict[str, str]:

@@ -42,6 +42,7 @@ from clipcl.data.online import a_last, anytime_accuracy_auc
 from clipcl.data.online_stream import ONLINE_PROTOCOL, Arrivals
 from clipcl.engine.batches import OnlineChunks, PlanSampler, StreamImages, collate_plan
 from clipcl.engine.context import RunContext, RunError, host_facts, run_facts, write_results
+from clipcl.engine.evaluation import labelled_set
 from clipcl.engine.trainer import ExperienceStats, grouped, grouped_views
 from clipcl.eval.evaluator import count_correct, eval_batch_size
 from clipcl.eval.metrics import retention
@@ -69,14 +70,31 @@ def _row_text(context: RunContext) -> RowText:
     return RowText(context.strategy, stream_classes(context.stream), context.runtime, context.cache)
 
 
-def heldout_accuracies(context: RunContext) -> list[float]:
+def heldout_accuracies(context: RunContext, alignment_row: int | None = None) -> list[float]:
+    """Accuracy (%) on every held-out set. With ``alignment_row`` (-1 before the stream, 0 after it) and
+    ``eval.alignment`` on, also the alignment measures of the held-out sets and of the stream's test
+    set (all its classes), from the same features, into ``context.online_alignment``."""
     values, text = [], _row_text(context)
-    for held in context.stream.heldout:
-        correct, total = count_correct(context.strategy, held.test, held.classes, held.target_of_label, None,
-                                       context.runtime,
-                                       eval_batch_size(context.config.eval.batch_size, context.runtime.device),
-                                       context.cache, False, text)
-        values.append(100.0 * correct / total)
+    batch_size = eval_batch_size(context.config.eval.batch_size, context.runtime.device)
+    measure = alignment_row is not None and context.config.eval.alignment
+    stream = context.stream
+    sets = {}
+
+    def accuracy(key, dataset, classes, target_of_label) -> float:
+        kept = [] if measure else None
+        correct, total = count_correct(context.strategy, dataset, classes, target_of_label, None, context.runtime,
+                                       batch_size, context.cache, False, text, keep=kept)
+        if measure:
+            sets[key] = labelled_set({"images": kept[0], "texts": text.features(classes, None),
+                                      "classes": [target_of_label[int(label)] for label in dataset.labels]},
+                                     context.config.eval.alignment_images, context.runtime)
+        return 100.0 * correct / total
+
+    for held in stream.heldout:
+        values.append(accuracy(f"held-out/{held.name}", held.test, held.classes, held.target_of_label))
+    if measure:
+        accuracy("stream/test", stream.test, list(stream.classes), {label: label for label in range(len(stream.classes))})
+        context.online_alignment = context.alignment.measure(alignment_row, sets)
     return values
 
 
@@ -202,7 +220,9 @@ def run_online_stream(context: RunContext, stop_after_samples: int | None) -> di
                     "train_seconds": 0.0, "eval_seconds": 0.0, "steps": 0, "examples": 0, "losses": [],
                     "next_eval": period, "forward_calls": 0,
                     # eval.zero_shot_row=false: nothing is measured before training
-                    "heldout_zero_shot": heldout_accuracies(context) if config.eval.zero_shot_row else None}
+                    "heldout_zero_shot": heldout_accuracies(context, -1) if config.eval.zero_shot_row else None,
+                    "alignment_zero_shot": None}
+        progress["alignment_zero_shot"] = context.online_alignment
     else:
         arrivals.restore(progress["arrivals"])
     context.observers.run_started(str(context.directory.root), to_dict(config),
@@ -283,7 +303,7 @@ def run_online_stream(context: RunContext, stop_after_samples: int | None) -> di
     strategy.after_task(arrivals.task)
     context.observers.experience_finished("online", 0, {
         "steps": stats.steps, **({"first_loss": stats.first_loss, "last_loss": stats.last_loss} if stats.losses else {})})
-    heldout_after = heldout_accuracies(context)
+    heldout_after = heldout_accuracies(context, 0)
     context.observers.evaluated("heldout", trainer.global_step,
                                 {held.name: value for held, value in zip(stream.heldout, heldout_after)})
     if runtime.is_main:
@@ -311,6 +331,10 @@ def online_results(context: RunContext, progress: dict, stats: ExperienceStats, 
         if heldout_before is not None:
             metrics.update(heldout_zero_shot=float(np.mean(heldout_before)),
                            heldout_retention=retention(heldout_before, heldout_after))
+    if context.online_alignment:
+        from clipcl.eval.metrics import alignment_change
+
+        metrics.update(alignment_change(progress.get("alignment_zero_shot") or {}, context.online_alignment))
     # Stream images per second of training (each incoming image once, whatever online_iter and replay).
     metrics["train_samples_per_second"] = (len(stream.train) / progress["train_seconds"]
                                            if stats.steps and progress["train_seconds"] > 0 else float("nan"))
@@ -332,6 +356,8 @@ def online_results(context: RunContext, progress: dict, stats: ExperienceStats, 
         "heldout": {"datasets": [held.name for held in stream.heldout], "zero_shot": heldout_before,
                     "after_stream": heldout_after},
         "metrics": metrics,
+        "alignment": {"zero_shot": progress.get("alignment_zero_shot") or {}, "after_stream": context.online_alignment,
+                      "definitions": "docs/metrics.md#image-text-alignment"},
         "timing": {"train_seconds": progress["train_seconds"], "eval_seconds": progress["eval_seconds"],
                    "train_steps": stats.steps, "train_examples": stats.examples},
         "losses_first_last": [stats.first_loss, stats.last_loss],

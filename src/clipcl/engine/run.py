@@ -144,9 +144,11 @@ def _worker(rank: int, config: RunConfig, kwargs: dict[str, Any], user_errors) -
 def _run(config: RunConfig, runtime: Runtime, *, restart: bool, resume_from_intact: bool,
          previous: dict[str, Any] | None, show_progress: bool, stop_after_task: int | None,
          stop_after_samples: int | None) -> dict[str, Any]:
+    from clipcl.data.caption_stream import CAPTION_PROTOCOL, build_caption_stream
     from clipcl.data.online_stream import ONLINE_PROTOCOL, build_online_stream
     from clipcl.data.registry import check_dataset_names
     from clipcl.data.streams import build_stream
+    from clipcl.engine.evaluation import AlignmentTracker
     from clipcl.engine.observers import build_observers
     from clipcl.engine.trainer import Trainer
     from clipcl.eval.cache import FeatureCache, default_cache_dir
@@ -156,15 +158,22 @@ def _run(config: RunConfig, runtime: Runtime, *, restart: bool, resume_from_inta
 
     directory = RunDirectory(config.output_dir)
     online = config.stream.protocol == ONLINE_PROTOCOL
+    captions = config.stream.protocol == CAPTION_PROTOCOL
     # Build and check everything (model, data, the method's sources) before the folder is touched:
     # a run that cannot start leaves an earlier run's results as they were. Dataset names first:
     # a typo should not wait for the model to load.
     datasets = config.stream.datasets
-    check_dataset_names([*([datasets] if isinstance(datasets, str) else datasets), *config.stream.heldout,
+    stream_names = [] if captions else [*([datasets] if isinstance(datasets, str) else datasets), *config.stream.heldout]
+    check_dataset_names([*stream_names,
                          *(spec for spec in config.eval.retrieval if not spec.lower().endswith(CAPTION_SUFFIXES))])
     seed_everything(config.seed)
     backend = build_backend(config.model).to(runtime.device)
-    stream = build_online_stream(config.stream, config.seed) if online else build_stream(config.stream, config.seed)
+    if online:
+        stream = build_online_stream(config.stream, config.seed)
+    elif captions:
+        stream = build_caption_stream(config.stream, config.seed)
+    else:
+        stream = build_stream(config.stream, config.seed)
     strategy = build_strategy(backend, config.strategy).to(runtime.device)
     if online and strategy.needs_task_boundaries:
         raise DataError(f"strategy {config.strategy.get('name')!r} needs task boundaries; online streams have "
@@ -174,9 +183,17 @@ def _run(config: RunConfig, runtime: Runtime, *, restart: bool, resume_from_inta
     cache_dir = config.eval.cache_dir if config.eval.cache_dir is not None else default_cache_dir()
     cache = FeatureCache(cache_dir or None, enabled=config.eval.feature_cache)
     built, memory = build_sources(strategy, config, runtime)
+    if captions and memory is not None:
+        raise DataError(f"strategy {config.strategy.get('name')!r} replays labelled samples; a caption stream "
+                        "(stream.protocol: captions) has no labels")
     retrieval_sets = [] if online else [load_captioned(spec, config.eval.retrieval_images, config.stream.data_root)
                                         for spec in config.eval.retrieval]
     data = data_fingerprints(stream, built, retrieval_sets)
+    if config.model.weights is not None:  # the starting weights shape every number, as the data does
+        import hashlib
+        from pathlib import Path
+
+        data["model weights"] = hashlib.sha256(Path(config.model.weights).read_bytes()).hexdigest()[:16]
     if previous and not restart and previous["progress"]:
         check_same_data(previous["progress"].get("data"), data, directory.progress)
     if runtime.is_main:
@@ -190,7 +207,8 @@ def _run(config: RunConfig, runtime: Runtime, *, restart: bool, resume_from_inta
         trainer=Trainer(strategy, runtime, config.train, observers), observers=observers,
         fingerprint=config_fingerprint(config), reference=reference, show_progress=show_progress, memory=memory,
         step_sources={name: source for name, source in built.items() if source.spec.per_step},
-        retrieval_sets=retrieval_sets, data=data, resume_from_intact=resume_from_intact)
+        retrieval_sets=retrieval_sets, data=data, resume_from_intact=resume_from_intact,
+        alignment=AlignmentTracker(directory.checkpoints, runtime.is_main) if config.eval.alignment else None)
     try:
         if online:
             results = run_online_stream(context, stop_after_samples)

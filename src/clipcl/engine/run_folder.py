@@ -32,7 +32,8 @@ MARKER_NAME = ".clipcl-run"
 MARKER_FORMAT = "clipcl-run-1"
 REPLACED_PREFIX = ".clipcl-replaced-"
 RUN_OUTPUTS = ("progress.json", "results.json", "summary.md", "config.yaml", "checkpoints", "tensorboard",
-               "wandb", "mlflow", "accuracy_matrix.png", "task_accuracy.png", "anytime_accuracy.png", MARKER_NAME)
+               "wandb", "mlflow", "accuracy_matrix.png", "task_accuracy.png", "anytime_accuracy.png",
+               "alignment.png", MARKER_NAME)
 """Everything a run writes into its folder, in the order a restart moves it away."""
 
 

@@ -26,7 +26,14 @@ from clipcl.checkpoint import (
     save_checkpoint,
 )
 from clipcl.config import to_dict
-from clipcl.engine.batches import GlobalBatchSampler, PlanSampler, StreamImages, collate_plan
+from clipcl.engine.batches import (
+    CaptionStreamImages,
+    GlobalBatchSampler,
+    PlanSampler,
+    StreamImages,
+    collate_captions,
+    collate_plan,
+)
 from clipcl.engine.context import (
     RunContext,
     RunError,
@@ -36,10 +43,10 @@ from clipcl.engine.context import (
     task_seed,
     write_results,
 )
+from clipcl.engine.evaluation import evaluate_state
 from clipcl.engine.trainer import ExperienceStats, grouped
 from clipcl.eval import metrics as metrics_module
-from clipcl.eval.evaluator import eval_batch_size, evaluate_row
-from clipcl.eval.retrieval import evaluate_retrieval
+from clipcl.eval.evaluator import eval_batch_size
 
 
 def task_batches(context: RunContext, task) -> GlobalBatchSampler:
@@ -71,9 +78,10 @@ def train_task(context: RunContext, task, images: StreamImages) -> ExperienceSta
         # and on every process.
         source.start(context.strategy.backend, int(torch.randint(0, 2**62, (1,)).item()), batches.per_process_batch)
     trainer.step_sources = context.step_sources
-    plans = PlanSampler(batches, task.index, task_seed(context.config.seed, task.index), task.train.labels,
-                        context.memory)
-    loader = DataLoader(images, batch_sampler=plans, num_workers=config.num_workers, collate_fn=collate_plan,
+    plans = PlanSampler(batches, task.index, task_seed(context.config.seed, task.index),
+                        getattr(task.train, "labels", None), context.memory)
+    collate = collate_captions if isinstance(images, CaptionStreamImages) else collate_plan
+    loader = DataLoader(images, batch_sampler=plans, num_workers=config.num_workers, collate_fn=collate,
                         pin_memory=context.runtime.device.type == "cuda")
     context.observers.experience_started(task.name, task.index, total_steps)
     trainer.train_groups(grouped(loader, config.grad_accumulation), task, stats, max_steps=total_steps)
@@ -86,12 +94,16 @@ def train_task(context: RunContext, task, images: StreamImages) -> ExperienceSta
     return stats
 
 
-def stream_images(context: RunContext) -> StreamImages:
-    """Every task's training images, for the loader; also tells the trainer each replayed sample's class."""
+def stream_images(context: RunContext) -> StreamImages | CaptionStreamImages:
+    """Every task's training images (a caption stream's: its pairs), for the loader; also tells the
+    trainer each replayed sample's class."""
     stream = context.stream
+    transform = context.strategy.backend.train_preprocess
+    if stream.protocol == "captions":
+        return CaptionStreamImages({task.index: task.train for task in stream.tasks}, transform)
     context.trainer.class_of = lambda experience, label: stream.tasks[experience].classes[
         stream.tasks[experience].target_of_label[label]]
-    return StreamImages({task.index: task.train for task in stream.tasks}, context.strategy.backend.train_preprocess)
+    return StreamImages({task.index: task.train for task in stream.tasks}, transform)
 
 
 def replan_memory(context: RunContext, completed: int) -> None:
@@ -104,14 +116,8 @@ def replan_memory(context: RunContext, completed: int) -> None:
             pass
 
 
-def retrieval_row(strategy, sets, batch_size: int) -> dict[str, dict[str, float]]:
-    """R@1/5/10 both ways on every retrieval set, by set name. Every process computes it in full
-    (the sets are small), so all processes agree without communicating."""
-    return {captioned.name: evaluate_retrieval(strategy, captioned, batch_size) for captioned in sets}
-
-
-PER_TASK_PROGRESS = ("rows", "heldout_rows", "retrieval_rows", "train_seconds", "eval_seconds", "train_steps",
-                     "train_examples", "losses")
+PER_TASK_PROGRESS = ("rows", "heldout_rows", "retrieval_rows", "alignment_rows", "train_seconds", "eval_seconds",
+                     "train_steps", "train_examples", "losses")
 """The progress lists with one entry per finished task."""
 
 
@@ -145,7 +151,7 @@ def last_intact_task(context: RunContext, progress: dict[str, Any], completed: i
 
 def run_task_stream(context: RunContext, stop_after_task: int | None) -> dict[str, Any]:
     config, runtime, strategy, stream = context.config, context.runtime, context.strategy, context.stream
-    directory, cache, show_progress = context.directory, context.cache, context.show_progress
+    directory, show_progress = context.directory, context.show_progress
     progress = directory.read_progress() or {}
     completed = progress.get("completed_tasks", -1)
     if completed >= 0:
@@ -168,19 +174,19 @@ def run_task_stream(context: RunContext, stop_after_task: int | None) -> dict[st
     batch_size = eval_batch_size(config.eval.batch_size, runtime.device)
     # Loader workers for evaluation on a GPU (they change no number: preprocessing is deterministic).
     workers = config.train.num_workers if runtime.device.type == "cuda" else 0
-    retrieval_sets = context.retrieval_sets
     if "zero_shot_row" not in progress:
         if config.eval.zero_shot_row:
-            row, heldout, seconds = evaluate_row(strategy, stream, -1, runtime, batch_size, cache, show_progress,
-                                                 num_workers=workers)
-            retrieval = retrieval_row(strategy, retrieval_sets, batch_size)
+            state = evaluate_state(context, -1, batch_size, workers)
+            row, heldout, seconds = state["row"], state["heldout"], state["seconds"]
+            retrieval, alignment = state["retrieval"], state["alignment"]
         else:  # eval.zero_shot_row=false: nothing is measured before training; metrics that need it are left out
-            row, heldout, seconds, retrieval = None, None, None, {}
+            row, heldout, seconds, retrieval, alignment = None, None, None, {}, {}
         progress.update(config_digest=fingerprint_digest(context.fingerprint), data=context.data,
                         completed_tasks=-1, zero_shot_row=row,
                         zero_shot_heldout=heldout, zero_shot_eval_seconds=seconds, rows=[], heldout_rows=[],
                         train_seconds=[], eval_seconds=[], train_steps=[], train_examples=[], losses=[],
-                        zero_shot_retrieval=retrieval, retrieval_rows=[])
+                        zero_shot_retrieval=retrieval, retrieval_rows=[], zero_shot_alignment=alignment,
+                        alignment_rows=[])
         if row is not None:
             context.observers.evaluated("row", 0, {f"task/{task.name}": value for task, value in zip(stream.tasks, row)})
         if runtime.is_main:
@@ -191,15 +197,16 @@ def run_task_stream(context: RunContext, stop_after_task: int | None) -> dict[st
         strategy.before_task(task)
         stats = train_task(context, task, images)
         strategy.after_task(task)
-        row, heldout, eval_seconds = evaluate_row(strategy, stream, task.index, runtime, batch_size, cache,
-                                                  show_progress, num_workers=workers)
+        state = evaluate_state(context, task.index, batch_size, workers)
+        row, heldout, eval_seconds = state["row"], state["heldout"], state["seconds"]
         step = context.trainer.global_step
         context.observers.evaluated("row", step, {f"task/{t.name}": value for t, value in zip(stream.tasks, row)})
         if heldout:
             context.observers.evaluated("heldout", step, {h.name: v for h, v in zip(stream.heldout, heldout)})
         progress["rows"].append(row)
         progress["heldout_rows"].append(heldout)
-        progress["retrieval_rows"].append(retrieval_row(strategy, retrieval_sets, batch_size))
+        progress["retrieval_rows"].append(state["retrieval"])
+        progress.setdefault("alignment_rows", []).append(state["alignment"])
         context.observers.evaluated("retrieval", step, {f"{name}/{key}": value
                                                         for name, recalls in progress["retrieval_rows"][-1].items()
                                                         for key, value in recalls.items()})
@@ -233,7 +240,9 @@ def build_results(context: RunContext, progress: dict[str, Any]) -> dict[str, An
     """The results.json content: matrix with labels, metrics, timings, parameter counts, versions."""
     config, stream = context.config, context.stream
     task_names = [task.name for task in stream.tasks]
-    task_sizes = [len(task.test) for task in stream.tasks]
+    captions = stream.protocol == "captions"
+    # A caption phase's size is its number of test images (its rows are captions).
+    task_sizes = [task.test.num_images if captions else len(task.test) for task in stream.tasks]
     matrix = progress["rows"]
     metrics = metrics_module.all_metrics(matrix, task_sizes, class_incremental=stream.protocol == "class_incremental")
     heldout_names = [held.name for held in stream.heldout]
@@ -253,7 +262,13 @@ def build_results(context: RunContext, progress: dict[str, Any]) -> dict[str, An
     retrieval_before = progress.get("zero_shot_retrieval", {})
     retrieval_rows = progress.get("retrieval_rows", [])
     if retrieval_before and retrieval_rows:
-        metrics.update(metrics_module.retrieval_change(retrieval_before, retrieval_rows[-1]))
+        # eval.retrieval's sets only: a caption stream's phases and held-out sets are its matrix and heldout.
+        names = {captioned.name for captioned in context.retrieval_sets}
+        metrics.update(metrics_module.retrieval_change({k: v for k, v in retrieval_before.items() if k in names},
+                                                       {k: v for k, v in retrieval_rows[-1].items() if k in names}))
+    alignment_rows = progress.get("alignment_rows", [])
+    if alignment_rows:
+        metrics.update(metrics_module.alignment_change(progress.get("zero_shot_alignment") or {}, alignment_rows[-1]))
     facts = run_facts(context)
     return {
         "name": config.label,
@@ -271,6 +286,8 @@ def build_results(context: RunContext, progress: dict[str, Any]) -> dict[str, An
             "matrix": matrix,
             "zero_shot_row": progress["zero_shot_row"],
             "unit": "percent",
+            # Caption streams: retrieval on each phase's test pairs, not classification.
+            "measure": "mean R@1 (image->text, text->image)" if captions else "top-1 accuracy",
         },
         "heldout": {
             "datasets": heldout_names,
@@ -282,6 +299,12 @@ def build_results(context: RunContext, progress: dict[str, Any]) -> dict[str, An
             "zero_shot": progress.get("zero_shot_retrieval", {}),
             "after_each_task": progress.get("retrieval_rows", []),
             "unit": "percent",
+        },
+        "alignment": {
+            "sets": sorted(progress.get("zero_shot_alignment") or (alignment_rows[-1] if alignment_rows else {})),
+            "zero_shot": progress.get("zero_shot_alignment", {}),
+            "after_each_task": alignment_rows,
+            "definitions": "docs/metrics.md#image-text-alignment",
         },
         "metrics": metrics,
         "timing": {
@@ -311,11 +334,14 @@ def standalone_context(config, strategy, stream, runtime, cache) -> RunContext:
     built, memory = build_sources(strategy, config, runtime)
     strategy.attach(runtime, cache, built)
     observers = Observers()
+    from clipcl.engine.evaluation import AlignmentTracker
+
     return RunContext(config=config, runtime=runtime, directory=RunDirectory(config.output_dir), strategy=strategy,
                       stream=stream, cache=cache, trainer=Trainer(strategy, runtime, config.train, observers),
                       observers=observers, fingerprint=config_fingerprint(config), reference={},
                       show_progress=False, memory=memory,
-                      step_sources={name: source for name, source in built.items() if source.spec.per_step})
+                      step_sources={name: source for name, source in built.items() if source.spec.per_step},
+                      alignment=AlignmentTracker(None, runtime.is_main))
 
 
 def train_one_task(context: RunContext, task) -> ExperienceStats:

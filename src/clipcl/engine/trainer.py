@@ -112,10 +112,13 @@ class Trainer:
     def device_batch(self, batch: dict, experience) -> dict:
         """Move a loaded micro-batch to the device and give it targets in the experience's label space.
 
-        Replayed samples keep their dataset labels and get their classes (``replay["classes"]``):
+        A caption batch (``captions``, ``image_ids``) is moved as it is. Replayed samples keep their dataset labels and get their classes (``replay["classes"]``):
         they may come from earlier experiences whose classes the current label space lacks.
         """
         device = self.runtime.device
+        if "captions" in batch:  # an image-caption phase: no labels, every caption of an image a positive
+            return {"images": batch["images"].to(device, non_blocking=True), "captions": batch["captions"],
+                    "image_ids": batch["image_ids"].to(device, non_blocking=True)}
         target_of_label = experience.target_of_label
         moved = {"images": batch["images"].to(device, non_blocking=True), "labels": batch["labels"], "indices": batch["indices"],
                  "targets": torch.tensor([target_of_label[int(label)] for label in batch["labels"]],

@@ -144,11 +144,15 @@ def predict(
     show_progress: bool = False,
     text: RowText | None = None,
     num_workers: int = 0,
+    keep: list | None = None,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Per-image predicted class indices (into ``classes``) for this process's shard, and its labels.
-    ``text``: the row's class text features (None: ``classes`` are encoded here, as asked)."""
+    ``text``: the row's class text features (None: ``classes`` are encoded here, as asked). ``keep``:
+    a list the shard's image features are appended to (for the alignment measures)."""
     features, routes, labels = routed_image_features(strategy, dataset, task_index, runtime, batch_size, cache,
                                                      show_progress, num_workers)
+    if keep is not None:
+        keep.append(features)
     text = text if text is not None else RowText(strategy, [], runtime, None)
     # float64 for the similarities: ties and near-ties resolve the same on every batch layout.
     if routes is None:
@@ -175,10 +179,11 @@ def count_correct(
     show_progress: bool = False,
     text: RowText | None = None,
     num_workers: int = 0,
+    keep: list | None = None,
 ) -> tuple[int, int]:
-    """(correct, total) over the whole dataset, summed over processes (``text``: see :func:`predict`)."""
+    """(correct, total) over the whole dataset, summed over processes (``text``, ``keep``: see :func:`predict`)."""
     predictions, labels = predict(strategy, dataset, classes, task_index, runtime, batch_size, cache, show_progress,
-                                  text, num_workers)
+                                  text, num_workers, keep)
     targets = torch.tensor([target_of_label[int(label)] for label in labels], dtype=torch.long)
     counts = torch.tensor([int((predictions == targets).sum()), len(targets)], dtype=torch.long,
                           device=runtime.device if runtime.world_size > 1 else "cpu")
@@ -196,28 +201,38 @@ def evaluate_row(
     show_progress: bool = True,
     shared_text: bool = True,
     num_workers: int = 0,
+    keep: dict | None = None,
 ) -> tuple[list[float], list[float], float]:
     """Accuracy (%) on every task of the stream and on every held-out set; also the seconds taken.
 
     ``after_task`` is -1 for the zero-shot row. The class text features come from one canonical encode
     per model state (:class:`~clipcl.eval.text_cache.RowText`); ``shared_text=False`` encodes each
     task's label space on its own instead, as clipcl did before (benchmarks compare the two).
+    ``keep``: a dict that receives, per evaluated set (``task/<name>``, ``held-out/<name>``), this
+    process's image features, the set's own class text features and each image's class (index into
+    them): what the alignment measures need, so no image is encoded twice.
     """
     started = time.perf_counter()
     strategy.eval()
     text = RowText(strategy, stream_classes(stream) if shared_text else [], runtime, cache)
+
+    def measure(key, dataset, classes, target_of_label, own_classes, own_target_of_label, task_index):
+        kept = [] if keep is not None else None
+        correct, total = count_correct(strategy, dataset, classes, target_of_label, task_index, runtime,
+                                       batch_size, cache, show_progress, text, num_workers, kept)
+        if keep is not None:
+            keep[key] = {"images": kept[0], "texts": text.features(own_classes, task_index),
+                         "classes": [own_target_of_label[int(label)] for label in dataset.labels]}
+        return 100.0 * correct / total
+
     row = []
     for task in stream.tasks:
         classes, target_of_label = stream.eval_label_space(after_task, task.index)
         task_index = task.index if stream.task_id_at_test else None
-        correct, total = count_correct(strategy, task.test, classes, target_of_label, task_index, runtime,
-                                       batch_size, cache, show_progress, text, num_workers)
-        row.append(100.0 * correct / total)
-    heldout = []
-    for held in stream.heldout:
-        correct, total = count_correct(strategy, held.test, held.classes, held.target_of_label, None, runtime,
-                                       batch_size, cache, show_progress, text, num_workers)
-        heldout.append(100.0 * correct / total)
+        row.append(measure(f"task/{task.name}", task.test, classes, target_of_label, task.classes,
+                           task.target_of_label, task_index))
+    heldout = [measure(f"held-out/{held.name}", held.test, held.classes, held.target_of_label, held.classes,
+                       held.target_of_label, None) for held in stream.heldout]
     return row, heldout, time.perf_counter() - started
 
 

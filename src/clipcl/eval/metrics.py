@@ -160,3 +160,35 @@ def all_metrics(matrix, task_sizes: Sequence[int] | None = None, class_increment
     if class_incremental:
         metrics["avg_incremental"] = average_incremental_accuracy(matrix, task_sizes)
     return metrics
+
+
+ALIGNMENT_TRACKED = ("modality_gap", "alignment", "uniformity_image", "uniformity_text")
+"""Alignment measures whose change from the zero-shot row is summarised (:func:`alignment_change`)."""
+
+
+def alignment_change(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Alignment summary over the measured sets (means over the sets both rows measured): for each
+    of :data:`ALIGNMENT_TRACKED`, ``<measure>_zero_shot``, ``<measure>_last`` and ``<measure>_change``;
+    and the last row's rotation against the zero-shot model, ``<measure>_last`` for every
+    ``vs_zero_shot/...`` measure. Sets are weighted equally."""
+    results: dict[str, float] = {}
+    names = sorted(after)
+    for key in ALIGNMENT_TRACKED:
+        last = [after[name][key] for name in names if after[name].get(key) is not None]
+        if not last:
+            continue
+        results[f"{key}_last"] = float(np.mean(last))
+        both = [name for name in names if name in before and before[name].get(key) is not None
+                and after[name].get(key) is not None]
+        if both:
+            start = float(np.mean([before[name][key] for name in both]))
+            end = float(np.mean([after[name][key] for name in both]))
+            results[f"{key}_zero_shot"] = start
+            results[f"{key}_change"] = end - start
+    reference_keys = sorted({key for name in names for key in after[name] if key.startswith("vs_zero_shot/")})
+    for key in reference_keys:
+        values = [after[name][key] for name in names if key in after[name] and after[name][key] is not None]
+        if values:
+            results[f"{key.split('/', 1)[1]}_vs_zero_shot_last"] = float(np.mean(values))
+    return results
+

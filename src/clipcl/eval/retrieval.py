@@ -91,6 +91,13 @@ def recall_at_k(similarity: torch.Tensor, caption_image: Sequence[int], ks: Sequ
 def evaluate_retrieval(strategy, captioned: CaptionedImages, batch_size: int = 128,
                        ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
     """Encode every image and caption with ``strategy`` (no task id) and return R@K both ways."""
+    return retrieval_with_features(strategy, captioned, batch_size, ks)[0]
+
+
+@torch.no_grad()
+def retrieval_with_features(strategy, captioned: CaptionedImages, batch_size: int = 128,
+                            ks: Sequence[int] = RECALL_KS) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """R@K both ways, and the normalised image and caption features it was computed from."""
     strategy.eval()
     backend = strategy.backend
     device = backend.device
@@ -102,8 +109,8 @@ def evaluate_retrieval(strategy, captioned: CaptionedImages, batch_size: int = 1
     for start in range(0, len(captioned.captions), batch_size):
         encoded = backend.encode_texts(captioned.captions[start: start + batch_size]).float()
         text_features.append(torch.nn.functional.normalize(encoded, dim=-1))
-    similarity = torch.cat(image_features) @ torch.cat(text_features).t()
-    return recall_at_k(similarity, captioned.caption_image, ks)
+    images, texts = torch.cat(image_features), torch.cat(text_features)
+    return recall_at_k(images @ texts.t(), captioned.caption_image, ks), images, texts
 
 
 CAPTION_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
@@ -132,5 +139,12 @@ def load_captioned(spec: str, images: int | None = None, root: str | None = None
     return templated_captions(dataset, images if images is not None else len(dataset), seed=RETRIEVAL_SEED)
 
 
-__all__ = ["CaptionedImages", "evaluate_retrieval", "from_caption_dataset", "load_captioned", "recall_at_k",
-           "templated_captions"]
+__all__ = [
+    "CaptionedImages",
+    "evaluate_retrieval",
+    "from_caption_dataset",
+    "load_captioned",
+    "recall_at_k",
+    "retrieval_with_features",
+    "templated_captions",
+]

@@ -26,6 +26,45 @@ BACKENDS = ("starter", "open_clip", "hf")
 
 
 def build_backend(config: ModelConfig) -> Backend:
+    """The backend a model config asks for, with its weights loaded (then ``model.weights``, if set)."""
+    backend = _built_backend(config)
+    if config.weights is not None:
+        load_backend_weights(backend, config.weights)
+    return backend
+
+
+def load_backend_weights(backend: Backend, path: str) -> None:
+    """Load a safetensors file of ``backend.state_dict()`` into ``backend``: every key, same shapes,
+    or one line naming the first mismatch."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model.weights: {path} does not exist")
+    try:
+        tensors = load_file(path)
+    except Exception as error:  # noqa: BLE001 (safetensors raises several types for a damaged file)
+        raise ConfigError(f"model.weights: {path} is not a readable safetensors file ({error})") from None
+    own = backend.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ConfigError(f"model.weights: {path} does not match {config_name(backend)}: "
+                          + (f"missing {missing[0]}" if missing else f"unexpected key {unexpected[0]}")
+                          + f" ({len(missing)} missing, {len(unexpected)} unexpected)")
+    for key, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(own[key].shape):
+            raise ConfigError(f"model.weights: {path}: {key} has shape {tuple(tensor.shape)}, the model's is "
+                              f"{tuple(own[key].shape)}")
+    backend.load_state_dict(tensors)
+
+
+def config_name(backend: Backend) -> str:
+    return getattr(backend, "model_id", type(backend).__name__)
+
+
+def _built_backend(config: ModelConfig) -> Backend:
     """The backend a model config asks for, with its weights loaded.
 
     Raises :class:`~clipcl.config.ConfigError` (a ``ValueError``) for an unknown backend or a bad
