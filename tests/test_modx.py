@@ -244,3 +244,10 @@ def test_mod_x_config_checks():
     for key, value in [("distill", "diagonal"), ("kl_reduction", "mean"), ("alpha", -1.0)]:
         with pytest.raises(ConfigError, match=f"strategy.{key}"):
             strategy_config({"name": "mod_x", key: value})
+
+
+def test_a_labelled_batch_with_a_captions_source_is_still_labelled():
+    from clipcl.strategies.base import batch_kind
+
+    assert batch_kind(caption_batch()) == "captions"
+    assert batch_kind({"images": None, "targets": None, "captions": {"images": None, "captions": ["a"]}}) == "labels"

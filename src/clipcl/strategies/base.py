@@ -75,8 +75,10 @@ captions``)."""
 
 
 def batch_kind(batch: dict) -> str:
-    """``captions`` for an image-caption batch, else ``labels``."""
-    return "captions" if "captions" in batch else "labels"
+    """``captions`` for an image-caption batch (its ``captions`` a list of strings), else ``labels``. A
+    labelled batch may hold a *source* named ``captions`` (a dict of pairs, :class:`CaptionSpec`), which
+    does not make it a caption batch."""
+    return "captions" if isinstance(batch.get("captions"), (list, tuple)) else "labels"
 
 
 def require_batch_kind(strategy: Strategy, batch: dict) -> str:
