@@ -21,6 +21,7 @@ from clipcl.strategies.base import Strategy, StrategyConfig
 from clipcl.strategies.er import ExperienceReplay
 from clipcl.strategies.finetune import Finetune
 from clipcl.strategies.lwf import LwF
+from clipcl.strategies.mod_x import ModX
 from clipcl.strategies.moe_adapters import MoEAdapters
 from clipcl.strategies.vr_lwf import VRLwF
 from clipcl.strategies.wise_ft import WiseFT
@@ -36,6 +37,7 @@ METHODS: dict[str, type[Strategy]] = {
     "zscl": ZSCL,
     "er": ExperienceReplay,
     "moe_adapters": MoEAdapters,
+    "mod_x": ModX,
 }
 """The strategies that are classes, by name."""
 

@@ -68,6 +68,34 @@ def class_text_features(backend: Backend, classes: list[ClassText], ensemble: bo
     return torch.stack(features)
 
 
+BATCH_KINDS = ("labels", "captions")
+"""What a training batch holds: ``labels`` (``images``, ``targets``, ``labels``: a class stream) or
+``captions`` (``images``, ``captions``, ``image_ids``: an image-caption stream, ``stream.protocol:
+captions``)."""
+
+
+def batch_kind(batch: dict) -> str:
+    """``captions`` for an image-caption batch (its ``captions`` a list of strings), else ``labels``. A
+    labelled batch may hold a *source* named ``captions`` (a dict of pairs, :class:`CaptionSpec`), which
+    does not make it a caption batch."""
+    return "captions" if isinstance(batch.get("captions"), (list, tuple)) else "labels"
+
+
+def require_batch_kind(strategy: Strategy, batch: dict) -> str:
+    """The batch's kind; raise ConfigError, one line, when ``strategy`` cannot train on it."""
+    kind = batch_kind(batch)
+    if kind not in strategy.batch_kinds:
+        from clipcl.config import ConfigError
+
+        name = strategy.config.name or type(strategy).__name__
+        if kind == "captions":
+            raise ConfigError(f"{name} trains on labelled (class) streams, not image-caption batches "
+                              "(stream.protocol: captions); on captions use finetune, lwf, zscl or mod_x")
+        raise ConfigError(f"{name} trains on image-caption streams (stream.protocol: captions); "
+                          "this stream's batches have class labels")
+    return kind
+
+
 def hash_module(module: nn.Module, memo_on: nn.Module | None = None, memo_name: str = "") -> str:
     """A digest of every parameter and buffer of ``module``: equal digests mean equal weights.
 
@@ -105,6 +133,8 @@ class Strategy(nn.Module):
     Config = StrategyConfig
     #: Whether the method needs to be told where tasks start and end.
     needs_task_boundaries: bool = True
+    #: The batch kinds :meth:`forward` trains on (:data:`BATCH_KINDS`); others raise one ConfigError line.
+    batch_kinds: tuple[str, ...] = ("labels",)
     #: The run's image-feature cache (set by :meth:`attach`), for methods that encode datasets themselves.
     feature_cache = None
     #: The run's runtime (set by :meth:`attach`): cross-process sums and inner fits go through it.

@@ -20,6 +20,7 @@ from clipcl.config import ConfigError
 from clipcl.data.memory import KINDS as MEMORY_KINDS
 from clipcl.data.memory import ReplaySpec
 from clipcl.losses import classification_loss, clip_logits
+from clipcl.strategies.base import require_batch_kind
 from clipcl.strategies.finetune import Finetune, FinetuneConfig
 
 
@@ -42,6 +43,7 @@ class ERConfig(FinetuneConfig):
 
 
 class ExperienceReplay(Finetune):
+    batch_kinds = ("labels",)  # no caption path
     Config = ERConfig
     needs_task_boundaries = False
 
@@ -52,6 +54,7 @@ class ExperienceReplay(Finetune):
         return {"replay": ReplaySpec(capacity=self.config.memory_size, kind=self.config.memory)}
 
     def forward(self, batch, task):
+        require_batch_kind(self, batch)
         replay = batch.get("replay")
         images, targets = batch["images"], batch["targets"]
         text_features = self.task_text_features(task)

@@ -14,8 +14,15 @@ from dataclasses import dataclass
 import torch
 
 from clipcl.config import ConfigError
-from clipcl.losses import classification_loss, clip_logits
-from clipcl.strategies.base import Strategy, StrategyConfig, class_text_features
+from clipcl.losses import (
+    classification_loss,
+    clip_logits,
+    contrastive_loss,
+    normalize,
+    positive_pairs,
+    retrieval_hits,
+)
+from clipcl.strategies.base import Strategy, StrategyConfig, class_text_features, require_batch_kind
 
 PARTS = ("all", "image", "text")
 LABEL_SPACES = ("task", "batch")
@@ -152,6 +159,7 @@ def inject_peft(backend, config: FinetuneConfig) -> dict[str, torch.nn.Parameter
 class Finetune(Strategy):
     Config = FinetuneConfig
     needs_task_boundaries = False  # usable on online streams (the whole stream is one "task")
+    batch_kinds = ("labels", "captions")
 
     def __init__(self, backend, config: FinetuneConfig) -> None:
         super().__init__(backend, config)
@@ -211,7 +219,35 @@ class Finetune(Strategy):
             features = self.training_text_features([task.classes[int(i)] for i in present])
         return features, torch.searchsorted(present, targets)
 
+    # --- image-caption batches (stream.protocol: captions) -------------------------------------------
+    def caption_features(self, captions) -> torch.Tensor:
+        """Normalised student features of a batch's captions; under no_grad when the text tower is frozen."""
+        if self.text_trains:
+            return normalize(self.backend.encode_texts(list(captions)))
+        with torch.no_grad():
+            return normalize(self.backend.encode_texts(list(captions)))
+
+    def caption_pass(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The student's normalised image and caption features of a caption batch, and the CLIP
+        contrastive loss over them (every caption of the same image a positive)."""
+        image_features = normalize(self.backend.encode_image(batch["images"]))
+        text_features = self.caption_features(batch["captions"])
+        loss = contrastive_loss(image_features, text_features, self.backend.logit_scale, batch.get("image_ids"))
+        return image_features, text_features, loss
+
+    @staticmethod
+    def caption_accuracy(similarity: torch.Tensor, image_ids) -> torch.Tensor:
+        """In-batch image -> caption retrieval accuracy (top-1 is a caption of the same image)."""
+        positives = positive_pairs(image_ids, similarity.shape[0], similarity.device)
+        return retrieval_hits(similarity.detach(), positives).float().mean()
+
     def forward(self, batch, task):
+        if require_batch_kind(self, batch) == "captions":
+            # Contrastive fine-tuning: CLIP's loss on the batch's pairs, as the "continual training"
+            # baseline of Mod-X's code (Continual_Learning/continual_train_model.py:272-280 @ a6a2f6c).
+            image_features, text_features, loss = self.caption_pass(batch)
+            return {"loss": loss,
+                    "accuracy": self.caption_accuracy(image_features @ text_features.t(), batch.get("image_ids"))}
         images, targets = batch["images"], batch["targets"]
         image_features = self.backend.encode_image(images)
         if self.config.label_space == "batch":

@@ -14,6 +14,10 @@ and as LwF's old-task heads; the cross-entropy stays over the current task's cla
 the same in one session and on online streams, where there are no earlier tasks). Which parameters
 train is chosen as in ``finetune``.
 
+On an image-caption stream (``stream.protocol: captions``) the task loss is CLIP's contrastive loss
+and the distilled logits are the batch's image-vs-caption matrix, in both directions (clipcl's own
+form: Li & Hoiem have no captions).
+
 Online variant (Si-Blurry streams have no task boundaries): the whole stream is one task, so the
 teacher starts as the model before the stream, and ``teacher_refresh_every`` optimiser steps it is
 replaced by a copy of the current model; the distillation covers every class seen so far.
@@ -26,7 +30,14 @@ from dataclasses import dataclass
 import torch
 
 from clipcl.config import ConfigError
-from clipcl.losses import classification_loss, clip_logits, distillation_kl, normalize
+from clipcl.losses import (
+    classification_loss,
+    clip_logits,
+    distillation_kl,
+    normalize,
+    two_way_distillation_kl,
+)
+from clipcl.strategies.base import require_batch_kind
 from clipcl.strategies.finetune import Finetune, FinetuneConfig
 from clipcl.strategies.teacher import Teacher
 
@@ -121,10 +132,26 @@ class LwF(Finetune):
         if self._task is not None:
             self._teacher_text = self._teacher.class_features(self._old_classes + list(self._task.classes), self.config.template)
 
+    def caption_forward(self, batch):
+        """An image-caption batch (clipcl's own contrastive LwF): CLIP's contrastive loss plus the
+        distillation of the teacher's batch image-vs-caption logits (each model's own logit scale),
+        both directions summed, at temperature T with the T^2 factor, as over class prompts."""
+        image_features, text_features, contrastive = self.caption_pass(batch)
+        logits = clip_logits(image_features, text_features, self.backend.logit_scale)
+        images = batch["images"]
+        teacher_logits = self._teacher.logits(self._teacher.image_features(images),
+                                              self._teacher.caption_features(batch["captions"]))
+        image_to_text, text_to_image = two_way_distillation_kl(logits, teacher_logits, self.config.temperature)
+        distill = image_to_text + text_to_image
+        return {"loss": contrastive + self.config.alpha * distill, "ce": contrastive.detach(),
+                "distill": distill.detach(), "accuracy": self.caption_accuracy(logits, batch.get("image_ids"))}
+
     def forward(self, batch, task):
-        images, targets = batch["images"], batch["targets"]
         if self._teacher is None:
             raise RuntimeError("LwF.forward called before before_task")
+        if require_batch_kind(self, batch) == "captions":
+            return self.caption_forward(batch)
+        images, targets = batch["images"], batch["targets"]
         image_features = normalize(self.backend.encode_image(images))
         task_text = self.task_text_features(task)
         logits = clip_logits(image_features, task_text, self.backend.logit_scale)

@@ -29,7 +29,13 @@ from clipcl.adapt.moe import MoEAdapter, active_router, inject_moe_adapters
 from clipcl.config import ConfigError
 from clipcl.data.sources import ReferenceSpec
 from clipcl.losses import classification_loss, clip_logits, normalize
-from clipcl.strategies.base import Strategy, StrategyConfig, class_text_features, hash_module
+from clipcl.strategies.base import (
+    Strategy,
+    StrategyConfig,
+    class_text_features,
+    hash_module,
+    require_batch_kind,
+)
 from clipcl.strategies.ddas import RECIPES, SHAPES, ZERO_SHOT, DistributionSelector
 
 TOWERS = {"all": ("image", "text"), "image": ("image",), "text": ("text",)}
@@ -184,6 +190,7 @@ class MoEAdapters(Strategy):
         self._apply_freezing()
 
     def forward(self, batch, task):
+        require_batch_kind(self, batch)
         images, targets = batch["images"], batch["targets"]
         with active_router(self.layers, self._router_for_task(task.index), training=True):
             image_features = normalize(self.backend.encode_image(images))

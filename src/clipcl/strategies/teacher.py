@@ -79,6 +79,11 @@ class Teacher:
         return normalize(self.backend.encode_text(tokens.to(self.device)))
 
     @torch.no_grad()
+    def caption_features(self, captions: list[str]) -> torch.Tensor:
+        """Normalised text features of free-text captions."""
+        return normalize(self.backend.encode_texts(list(captions)))
+
+    @torch.no_grad()
     def class_features(self, classes: list[ClassText], template: str | None = None) -> torch.Tensor:
         """Normalised text features of each class's prompt as the training losses use it: ``template``
         when given (the student's ``strategy.template``), else each class's first template."""

@@ -38,6 +38,7 @@ import torch
 from clipcl.config import ConfigError
 from clipcl.data.sources import CURRENT_TASK, ReferenceSpec
 from clipcl.losses import classification_loss, clip_logits, distillation_kl, normalize
+from clipcl.strategies.base import require_batch_kind
 from clipcl.strategies.finetune import Finetune, FinetuneConfig
 from clipcl.strategies.teacher import Teacher
 
@@ -182,6 +183,7 @@ def _unique(classes) -> list:
 
 
 class VRLwF(Finetune):
+    batch_kinds = ("labels",)  # no caption path
     Config = VRLwFConfig
     needs_task_boundaries = True  # teacher, vocabulary and seen classes are rebuilt per task
 
@@ -269,6 +271,7 @@ class VRLwF(Finetune):
 
     # --- the loss -------------------------------------------------------------------------------
     def forward(self, batch, task):
+        require_batch_kind(self, batch)
         images, targets = batch["images"], batch["targets"]
         if self._teacher is None:
             raise RuntimeError("VRLwF.forward called before before_task")

@@ -15,6 +15,10 @@ Two protections of the pretrained model's zero-shot ability, on top of the fine-
 
     loss = CE(current classes) + w * (KL_T(image -> text) + KL_T(text -> image)) + l2_weight * ||theta - theta_0||^2
 
+On an image-caption stream (``stream.protocol: captions``) CLIP's contrastive loss over the batch's
+pairs replaces the cross-entropy (clipcl's own form; ZSCL trains on classes); the reference
+distillation and the weight averaging are unchanged.
+
 Defaults follow the official MTIL script (``scripts/ZSCL.sh``: ``--image_loss --text_loss --we
 --avg_freq 100 --l2 1``, ``--T`` 2); where the paper or the code differ, the field says so.
 """
@@ -29,6 +33,7 @@ from clipcl.config import ConfigError
 from clipcl.data.base import DataError
 from clipcl.data.sources import PREPROCESSING, ReferenceSpec
 from clipcl.losses import classification_loss, clip_logits, l2_drift, normalize, two_way_distillation_kl
+from clipcl.strategies.base import require_batch_kind
 from clipcl.strategies.finetune import Finetune, FinetuneConfig
 from clipcl.strategies.teacher import Teacher
 
@@ -105,7 +110,7 @@ class ZSCLConfig(FinetuneConfig):
 
 def dataset_of(task) -> str:
     """The registry name of a task's dataset (its training split's name)."""
-    name = getattr(task.train, "name", "") or task.name
+    name = getattr(getattr(task, "train", None), "name", "") or task.name
     return name.split("[", 1)[0]
 
 
@@ -206,13 +211,18 @@ class ZSCL(Finetune):
 
     # --- the loss -------------------------------------------------------------------------------
     def forward(self, batch, task):
-        images, targets = batch["images"], batch["targets"]
         if not self._started:
             raise RuntimeError("ZSCL.forward called before before_task")
+        captions = require_batch_kind(self, batch) == "captions"
+        images, targets = batch["images"], batch.get("targets")
         config = self.config
         scale = self.backend.logit_scale
-        logits = clip_logits(self.backend.encode_image(images), self.task_text_features(task), scale)
-        ce = classification_loss(logits, targets, config.label_smoothing)
+        if captions:  # an image-caption stream: CLIP's contrastive loss replaces the cross-entropy
+            image_features, text_features, ce = self.caption_pass(batch)
+            logits = clip_logits(image_features, text_features, scale)
+        else:
+            logits = clip_logits(self.backend.encode_image(images), self.task_text_features(task), scale)
+            ce = classification_loss(logits, targets, config.label_smoothing)
 
         reference = batch["reference"]["images"]
         student_text, teacher_text = self.reference_text_features()
@@ -230,5 +240,6 @@ class ZSCL(Finetune):
             drift = l2_drift(list(trained.values()), [self._anchors[name] for name in trained])
             loss = loss + config.l2_weight * drift
             outputs["l2"] = drift.detach()
-        outputs["accuracy"] = (logits.argmax(dim=-1) == targets).float().mean().detach()
+        outputs["accuracy"] = (self.caption_accuracy(logits, batch.get("image_ids")) if captions
+                               else (logits.argmax(dim=-1) == targets).float().mean().detach())
         return {"loss": loss, **outputs}
