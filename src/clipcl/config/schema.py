@@ -336,6 +336,14 @@ class RunConfig:
         from clipcl.strategies import STRATEGIES, strategy_config
 
         strategy_config(self.strategy)
+        # A method trains on labelled batches, caption batches or both (Strategy.batch_kinds): say so
+        # now, not at the first training step.
+        kind = "captions" if self.stream.protocol == "captions" else "labels"
+        name = self.strategy.get("name")
+        if kind not in STRATEGIES[name].batch_kinds:
+            able = ", ".join(key for key, cls in STRATEGIES.items() if kind in cls.batch_kinds)
+            stream = "stream.protocol=captions (image-caption pairs)" if kind == "captions" else "a labelled stream"
+            raise ConfigError(f"strategy.name: {name!r} cannot train on {stream}; methods that can: {able}")
         if self.stream.protocol == "si_blurry":
             name = self.strategy.get("name")
             if STRATEGIES[name].needs_task_boundaries:

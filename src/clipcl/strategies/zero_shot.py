@@ -19,6 +19,7 @@ class ZeroShotConfig(StrategyConfig):
 class ZeroShot(Strategy):
     Config = ZeroShotConfig
     needs_task_boundaries = False
+    batch_kinds = ("labels", "captions")  # it never trains, so any stream can be measured with it
 
     def __init__(self, backend, config: ZeroShotConfig) -> None:
         super().__init__(backend, config)
