@@ -143,6 +143,7 @@ class SvgRenderCache:
             try:
                 with os.fdopen(handle, "wb") as file:
                     image.save(file, format="PNG")
+                os.chmod(temporary, 0o644)  # mkstemp makes it owner-only; a render is no secret
                 os.replace(temporary, cached)
             except BaseException:
                 Path(temporary).unlink(missing_ok=True)
