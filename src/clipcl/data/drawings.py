@@ -143,6 +143,7 @@ class SvgRenderCache:
             try:
                 with os.fdopen(handle, "wb") as file:
                     image.save(file, format="PNG")
+                os.chmod(temporary, 0o644)  # mkstemp makes it owner-only; a render is no secret
                 os.replace(temporary, cached)
             except BaseException:
                 Path(temporary).unlink(missing_ok=True)
@@ -204,6 +205,7 @@ class TuxPaintStamps(_DrawingSet):
         if not self.root.is_dir():
             raise DataError(f"tuxpaint: no stamps at {self.root}; install them with: "
                             f"sudo apt-get install {DEBIAN_PACKAGES['tuxpaint']}")
+        keep_split("", split)  # refuses a bad split name before the tree is read
         self.name, self.split, self.image_size = "tuxpaint", split, image_size
         self.cache = SvgRenderCache(Path(cache_dir) if cache_dir else default_cache_dir("tuxpaint", image_size),
                                     image_size)
@@ -267,6 +269,7 @@ class OpenClipart(_DrawingSet):
         if not self.root.is_dir():
             raise DataError(f"openclipart: no drawings at {self.root}; install them with: "
                             f"sudo apt-get install {DEBIAN_PACKAGES['openclipart']}")
+        keep_split("", split)  # refuses a bad split name before the tree is read
         self.name, self.split, self.image_size = "openclipart", split, image_size
         self.cache = SvgRenderCache(Path(cache_dir) if cache_dir else default_cache_dir("openclipart", image_size),
                                     image_size)
