@@ -52,7 +52,7 @@ METHODS: dict[str, dict] = {
     "zscl": {"name": "zscl", **TRAINED, "reference_dataset": "digits", "reference_texts_dataset": "cifar100",
              "average_every": 10},
 }
-TRAIN = {"batch_size": 32, "lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 0, "lr_schedule": "cosine",
+TRAIN = {"batch_size": 32, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 0, "lr_schedule": "cosine",
          "num_workers": 0}
 NEW_DOMAIN = {"datasets": ["openclipart"], "num_tasks": 5, "heldout": ["tuxpaint"]}
 
