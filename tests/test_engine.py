@@ -56,9 +56,12 @@ def test_online_run_killed_mid_stream_resumes_to_the_same_results(strategy, tiny
     first = run_experiment(config, show_progress=False, stop_after_samples=40)
     assert first["interrupted"] and first["progress"]["chunks"] == 8  # stopped after the evaluation at 64
     checkpoints = sorted(path.name for path in (tmp_path / "resumed" / "checkpoints").iterdir())
-    assert checkpoints == ["online_model_000008.safetensors", "online_state_000008.safetensors"]
+    # The latest mid-stream pair, and the zero-shot features the end-of-stream alignment compares with.
+    assert checkpoints == ["alignment_zero_shot.safetensors", "online_model_000008.safetensors",
+                           "online_state_000008.safetensors"]
     resumed = run_experiment(config, show_progress=False)
     assert measured(resumed) == measured(full)
+    assert resumed["alignment"] == full["alignment"]
 
 
 def test_online_resume_restores_the_learning_rate_schedule(tiny_run_config, tmp_path):

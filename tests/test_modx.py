@@ -39,11 +39,13 @@ def caption_batch(count=8, ids=None, seed=0):
 
 
 def build(tiny_run_config, section):
-    config = tiny_run_config(section)
+    # The tiny run's stream is labelled, which a run config refuses for a caption-only method; the
+    # strategy is built on its own here, to be fed caption batches by hand.
+    config = tiny_run_config()
     seed_everything(config.seed)
     backend = build_backend(config.model)
     stream = build_stream(config.stream, config.seed)
-    strategy = build_strategy(backend, config.strategy)
+    strategy = build_strategy(backend, section)
     standalone_context(config, strategy, stream, Runtime(torch.device("cpu")), None)
     return strategy, stream
 
@@ -234,6 +236,11 @@ def test_mod_x_refuses_labelled_batches_in_one_line(tiny_run_config):
     strategy.before_task(stream.tasks[0])
     with pytest.raises(ConfigError, match=r"mod_x trains on image-caption streams \(stream.protocol: captions\)"):
         strategy({"images": torch.rand(4, 3, 32, 32), "targets": torch.zeros(4, dtype=torch.long)}, stream.tasks[0])
+
+
+def test_a_run_config_refuses_mod_x_on_a_labelled_stream(tiny_run_config):
+    with pytest.raises(ConfigError, match="'mod_x' cannot train on a labelled stream"):
+        tiny_run_config({"name": "mod_x"})
 
 
 def test_mod_x_config_checks():
