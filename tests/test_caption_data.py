@@ -302,3 +302,16 @@ def test_real_openclipart_counts(tmp_path):
     assert len(set(everything.image_order())) == everything.num_images
     image, _ = everything[0]
     assert image.size == (224, 224) and image.mode == "RGB"
+
+
+@pytest.mark.parametrize("filename, text, message", [
+    ("c.csv", "image,caption\na.png,a cat\na.png,   \n", r"line 3 \(a.png\) has an empty caption"),
+    ("c.jsonl", '{"image": "a.png", "caption": ""}\n', "line 1: image and caption must be non-empty"),
+    ("k.json", json.dumps({"images": [{"filename": "a.png", "split": "test", "sentences": [{"raw": " "}]}]}),
+     r"images\[0\] \(a.png\) sentences\[0\] is an empty caption"),
+])
+def test_caption_files_refuse_an_empty_caption_naming_the_record(tmp_path, filename, text, message):
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    (tmp_path / filename).write_text(text)
+    with pytest.raises(DataError, match=message):
+        CaptionDataset(tmp_path / filename)

@@ -32,6 +32,8 @@ COMPARISON_COLUMNS = [
     ("heldout_last", "Held-out last"),
     ("heldout_retention", "Held-out retention"),
     ("i2t_r1_change", "I→T R@1 Δ"),
+    ("modality_gap_change", "Gap Δ"),
+    ("rotation_image_deg_vs_zero_shot_last", "Image rot.° vs ZS"),
     ("t2i_r1_change", "T→I R@1 Δ"),
 ]
 

@@ -224,6 +224,8 @@ def _read_csv(path: Path) -> list[tuple[str, str]]:
         image, caption = row.get(image_key), row.get(caption_key)
         if not image or caption is None:
             raise DataError(f"{path}: line {reader.line_num} lacks {image_key} or {caption_key}")
+        if not caption.strip():
+            raise DataError(f"{path}: line {reader.line_num} ({image}) has an empty caption")
         pairs.append((image, caption))
     return pairs
 
@@ -238,7 +240,7 @@ def _read_jsonl(path: Path) -> list[tuple[str, str]]:
             image, caption = row["image"], row["caption"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise DataError(f'{path}: line {number} is not {{"image": ..., "caption": ...}}') from None
-        if not isinstance(image, str) or not isinstance(caption, str) or not image:
+        if not isinstance(image, str) or not isinstance(caption, str) or not image or not caption.strip():
             raise DataError(f"{path}: line {number}: image and caption must be non-empty strings")
         pairs.append((image, caption))
     return pairs
@@ -259,7 +261,11 @@ def _read_karpathy(path: Path, split: str | None) -> list[tuple[str, str]]:
                 raise DataError(f"{path}: images[{number}] has no filename or file_path")
             if image.get("filepath"):
                 name = str(Path(image["filepath"]) / name)
-            pairs.extend((name, sentence["raw"]) for sentence in image["sentences"])
+            for sentence_number, sentence in enumerate(image["sentences"]):
+                if not isinstance(sentence["raw"], str) or not sentence["raw"].strip():
+                    raise DataError(f"{path}: images[{number}] ({name}) sentences[{sentence_number}] is an "
+                                    "empty caption")
+                pairs.append((name, sentence["raw"]))
         return pairs
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise DataError(f"{path}: not a Karpathy-style caption JSON (images[].filename, images[].sentences[].raw)"
