@@ -163,6 +163,15 @@ class _DrawingSet(CaptionPairs):
     image_size: int
     cache: SvgRenderCache
 
+    def _set_up(self, name: str, what: str, split: str, image_size: int, cache_dir: str | Path | None) -> None:
+        """Check the tree and the split name (before the tree is read), then name the set and its cache."""
+        if not self.root.is_dir():
+            raise DataError(f"{name}: no {what} at {self.root}; install them with: "
+                            f"sudo apt-get install {DEBIAN_PACKAGES[name]}")
+        keep_split("", split)
+        self.name, self.split, self.image_size = name, split, image_size
+        self.cache = SvgRenderCache(Path(cache_dir) if cache_dir else default_cache_dir(name, image_size), image_size)
+
     def load_image(self, image_id: int) -> Image.Image:
         path = self.paths[image_id]
         if path.suffix.lower() == ".svg":
@@ -202,13 +211,7 @@ class TuxPaintStamps(_DrawingSet):
         from clipcl.data.captions import read_caption_text
 
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise DataError(f"tuxpaint: no stamps at {self.root}; install them with: "
-                            f"sudo apt-get install {DEBIAN_PACKAGES['tuxpaint']}")
-        keep_split("", split)  # refuses a bad split name before the tree is read
-        self.name, self.split, self.image_size = "tuxpaint", split, image_size
-        self.cache = SvgRenderCache(Path(cache_dir) if cache_dir else default_cache_dir("tuxpaint", image_size),
-                                    image_size)
+        self._set_up("tuxpaint", "stamps", split, image_size, cache_dir)
         self.skipped = {"empty description": 0, "no image": 0}
         self.paths, self.captions, self.image_keys, self.categories = [], [], [], []
         rows_translations: list[dict[str, str]] = []
@@ -266,13 +269,7 @@ class OpenClipart(_DrawingSet):
         from clipcl.data.clipart_captions import read_metadata_captions
 
         self.root = Path(root).resolve()  # symlinks resolve to real files: relative paths need a real root
-        if not self.root.is_dir():
-            raise DataError(f"openclipart: no drawings at {self.root}; install them with: "
-                            f"sudo apt-get install {DEBIAN_PACKAGES['openclipart']}")
-        keep_split("", split)  # refuses a bad split name before the tree is read
-        self.name, self.split, self.image_size = "openclipart", split, image_size
-        self.cache = SvgRenderCache(Path(cache_dir) if cache_dir else default_cache_dir("openclipart", image_size),
-                                    image_size)
+        self._set_up("openclipart", "drawings", split, image_size, cache_dir)
         svgs = sorted(self.root.rglob("*.svg"))
         files = svgs or sorted(self.root.rglob("*.png"))
         real: dict[Path, Path] = {}  # resolved file -> the listed path naming it (its real place if inside)
