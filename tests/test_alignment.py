@@ -43,6 +43,8 @@ def test_rotation_by_a_known_angle_and_the_deviation_between_modalities():
     assert torch.allclose(angles, torch.full((6,), 30.0, dtype=torch.float64), atol=TOLERANCE, rtol=0)
     # Small angles stay exact (arccos of a cosine this close to 1 would lose about half the digits).
     assert rotation_angles(images, rotated(images, 0.01)).sub(0.01).abs().max() < 1e-11
+    # Near 180 degrees too (where arccos is as ill-conditioned as near 0).
+    assert rotation_angles(images, rotated(images, 179.5)).sub(179.5).abs().max() < 1e-9
     text_angles = rotation_angles(texts, rotated(texts, 10.0))
     pairs = torch.arange(6)
     assert inter_modal_deviation(angles, text_angles, pairs, pairs) == pytest.approx(20.0, abs=TOLERANCE)
@@ -82,6 +84,8 @@ def test_alignment_and_uniformity_of_known_sets():
     assert uniformity(antipodal) == pytest.approx(-2.0 * 4.0, abs=TOLERANCE)  # log exp(-t * 4), t = 2
     assert uniformity(torch.ones(3, 2, dtype=torch.float64)) == pytest.approx(0.0, abs=TOLERANCE)
     assert uniformity(antipodal[:1]) is None
+    # A large t: exp(-4000) underflows float64, the log-sum-exp does not.
+    assert uniformity(antipodal, t=1000.0) == pytest.approx(-4000.0, abs=TOLERANCE)
 
 
 def test_caption_pairs_and_class_pairs_are_both_accepted():
