@@ -46,6 +46,9 @@ METHODS: dict[str, dict] = {
     "finetune": {"name": "finetune", **TRAINED},
     # modx_5phase.sh's alpha = 20; the rest of Mod-X's defaults are its code's (docs/fidelity.md C1).
     "mod_x": {"name": "mod_x", **TRAINED},
+    # Mod-X with each model's temperature in the distilled softmax (strategy.distill_logits): the raw
+    # cosines of the official code give near-uniform rows, so this shows what the temperature changes.
+    "mod_x_scaled": {"name": "mod_x", "distill_logits": True, **TRAINED},
     "lwf": {"name": "lwf", **TRAINED},
     # Reference images and texts as in the Don't Stop Learning benchmark: sklearn digits and CIFAR-100's
     # class prompts, neither a phase nor the held-out set.
