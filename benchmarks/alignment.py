@@ -31,9 +31,9 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from seeded import cell, choices, machine, mean_and_std, write_summary
 
+from clipcl.checkpoint import atomic_save_safetensors
 from clipcl.config import from_dict
 from clipcl.config.schema import RunConfig
 from clipcl.run import run_experiment
@@ -95,8 +95,8 @@ def pretrained_weights(root: Path, seed: int, epochs: int) -> str:
     context = standalone_context(config, strategy, stream, Runtime(torch.device("cpu")), None)
     for _ in model_states(context):
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({key: value.contiguous() for key, value in backend.state_dict().items()}, str(path))
+    # Through a temporary file: an interrupted benchmark never leaves half a weights file to start from.
+    atomic_save_safetensors({key: value.contiguous() for key, value in backend.state_dict().items()}, path)
     return str(path)
 
 
