@@ -140,6 +140,17 @@ def summarise(collected: dict[str, dict[int, dict]]) -> tuple[dict, str]:
              ("old/vs_zero_shot/rotation_image_deg", "old img rot°"),
              ("old/vs_zero_shot/inter_modal_deviation_deg", "old inter-dev°"),
              ("old/vs_zero_shot/similarity_correlation_image", "old img sim-corr")]
+    last_shown = [("old/image_to_text_R@1", "old I→T R@1"), ("old/image_to_text_R@5", "R@5"),
+                  ("old/image_to_text_R@10", "R@10"), ("old/text_to_image_R@1", "old T→I R@1"),
+                  ("old/text_to_image_R@5", "R@5"), ("old/text_to_image_R@10", "R@10"),
+                  ("new/image_to_text_R@1", "new I→T R@1"), ("new/text_to_image_R@1", "new T→I R@1")]
+    lines += [("### After the last phase (mean ± std over seeds; old: Tux Paint test, new: the five openclipart "
+              "test slices)"), "", "| method | seeds | " + " | ".join(label for _, label in last_shown) + " |",
+              "|---|---|" + "---|" * len(last_shown)]
+    for method, by_seed in collected.items():
+        final = {key: mean_and_std([by_seed[seed]["rows"][-1].get(key) for seed in by_seed]) for key, _ in last_shown}
+        lines.append(f"| {method} | {len(by_seed)} | " + " | ".join(cell(final[key]) for key, _ in last_shown) + " |")
+    lines.append("")
     for method, by_seed in collected.items():
         phases = len(next(iter(by_seed.values()))["rows"])
         summary = [{key: mean_and_std([by_seed[seed]["rows"][row].get(key) for seed in by_seed])
