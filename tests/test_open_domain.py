@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,17 @@ def test_seen_average_on_a_hand_built_matrix():
     assert "seen_avg" in metrics.all_metrics(matrix, open_domain=True)
     assert "seen_avg" not in metrics.all_metrics(matrix)
     assert matrix[0] == [80.0, 30.0, 20.0]  # not modified
+
+
+def test_clipcl_metrics_prints_the_seen_average_when_asked(tmp_path, capsys):
+    from clipcl.cli import main
+
+    path = tmp_path / "matrix.json"
+    path.write_text(json.dumps([[80.0, 30.0], [70.0, 90.0]]))
+    assert main(["metrics", str(path), "--json", "--open-domain"]) == 0
+    assert json.loads(capsys.readouterr().out)["seen_avg"] == pytest.approx((75.0 + 90.0) / 2)
+    assert main(["metrics", str(path), "--json"]) == 0
+    assert "seen_avg" not in json.loads(capsys.readouterr().out)
 
 
 def test_an_open_domain_cil_run_reports_the_seen_average(tiny_run_config):
