@@ -211,3 +211,32 @@ def test_tux_paint_categories_as_a_domain_of_an_open_domain_stream(tmp_path):
     assert [c.name for c in classes][-2:] == ["animals", "vehicles"] and target_of == {0: 6, 1: 7}
     assert classes[-1].prompts()[0] == "a drawing of vehicles."
     assert len(stream.tasks[1].test) == 6 and stream.tasks[1].name == "tuxpaint_stamps"
+
+
+def test_a_row_encodes_the_pooled_classes_once_and_scores_with_them(tiny_run_config, monkeypatch):
+    import torch
+
+    from clipcl.engine.runtime import Runtime
+    from clipcl.eval.evaluator import evaluate_row
+    from clipcl.models import build_backend
+    from clipcl.strategies import build_strategy
+
+    config = tiny_run_config()
+    strategy = build_strategy(build_backend(config.model), config.strategy)
+    stream = Stream("open_domain_cil", _three_domains())
+    encoded = []
+    original = type(strategy).encode_classes
+
+    def counting(self, classes, task_index):
+        encoded.append(list(classes))
+        return original(self, classes, task_index)
+
+    monkeypatch.setattr(type(strategy), "encode_classes", counting)
+    cpu = Runtime(torch.device("cpu"))
+    evaluate_row(strategy, stream, 1, cpu, 4, None, show_progress=False)
+    # One canonical encode for the row, holding the merged class once, with its pooled templates.
+    assert encoded == [stream_classes(stream)]
+    assert [class_text for class_text in encoded[0] if class_text.name == "dog"] == [DOG]
+    encoded.clear()
+    evaluate_row(strategy, stream, 1, cpu, 4, None, show_progress=False, shared_text=False)
+    assert encoded == [stream.eval_label_space(1, task)[0] for task in range(3)]  # each label space, as asked
