@@ -94,15 +94,25 @@ def test_the_shared_text_cache_holds_every_label_space_class_once():
     assert stream_classes(Stream("open_domain_til", plain)) == stream_classes(Stream("multi_domain", plain))
 
 
-def test_forest_and_river_take_eurosat_templates_alone():
+def test_forest_and_river_pool_by_default_and_take_eurosat_templates_alone_as_an_option():
+    from clipcl.data.open_domain import TEMPLATE_OWNER
+
+    satellite = "a satellite photo of {}."
     tasks = domain_tasks([_domain("cifar100", ["forest", "apple"], [PHOTO]),
-                          _domain("eurosat", ["forest", "river"], ["a satellite photo of {}."]),
+                          _domain("eurosat", ["forest", "river"], [satellite]),
                           _domain("sun397", ["river", "forest path"], [SKETCH])])
     pooled = pooled_classes(tasks)
-    assert pooled["forest"].templates == pooled["river"].templates == ("a satellite photo of {}.",)
-    # Without EuroSAT in the stream they pool as any shared name does.
+    assert pooled["forest"].templates == (PHOTO, satellite)
+    assert pooled["river"].templates == (satellite, SKETCH)
+    official = pooled_classes(tasks, TEMPLATE_OWNER)
+    assert official["forest"].templates == official["river"].templates == (satellite,)
+    # The stream carries the choice into its label spaces.
+    stream = Stream("open_domain_cil", tasks, template_owners=dict(TEMPLATE_OWNER))
+    classes, _ = stream.eval_label_space(2, 0)
+    assert {c.name: c.templates for c in classes}["river"] == (satellite,)
+    # Without EuroSAT in the stream they pool as any shared name does, even with the option.
     without = domain_tasks([_domain("cifar100", ["river"], [PHOTO]), _domain("sun397", ["river"], [SKETCH])])
-    assert pooled_classes(without)["river"].templates == (PHOTO, SKETCH)
+    assert pooled_classes(without, TEMPLATE_OWNER)["river"].templates == (PHOTO, SKETCH)
 
 
 def test_protocol_names_are_accepted_and_listed(capsys):

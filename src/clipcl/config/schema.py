@@ -135,6 +135,10 @@ class StreamConfig:
     """si_blurry: N, the share of classes that are disjoint (all their samples in one hidden task)."""
     blurry_sample_ratio: float = 0.1
     """si_blurry: M, the share of the blurry classes' samples that arrive in other hidden tasks."""
+    official_template_owners: bool = False
+    """Open-domain protocols: prompt ``forest`` and ``river`` with EuroSAT's templates alone when EuroSAT
+    is in the stream, as CoLeCLIP's code does (``engine/trainer.py:246-256``); default: they pool the
+    templates of every dataset holding them, like every other shared class."""
 
     def __post_init__(self) -> None:
         self.validate()

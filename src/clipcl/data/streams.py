@@ -135,6 +135,9 @@ class Stream:
     protocol: str
     tasks: list[Task]
     heldout: list[HeldOut] = field(default_factory=list)
+    template_owners: dict[str, str] = field(default_factory=dict)
+    """Open-domain protocols: shared class names prompted by one task's templates alone (name -> task
+    name; empty: every shared name pools its templates; see clipcl.data.open_domain)."""
 
     @property
     def task_id_at_test(self) -> bool:
@@ -150,7 +153,8 @@ class Stream:
         if self.protocol in OPEN_DOMAIN_PROTOCOLS:
             from clipcl.data.open_domain import open_domain_label_space
 
-            return open_domain_label_space(self.tasks, self.protocol, after_task, eval_task)
+            return open_domain_label_space(self.tasks, self.protocol, after_task, eval_task,
+                                           self.template_owners)
         if self.protocol == "multi_domain":
             return task.classes, task.target_of_label
         if self.protocol == "class_incremental":
@@ -171,9 +175,9 @@ class Stream:
         open-domain protocols a class shared with other tasks carries the pooled templates; otherwise
         ``task.classes``."""
         if self.protocol in OPEN_DOMAIN_PROTOCOLS:
-            from clipcl.data.open_domain import own_classes
+            from clipcl.data.open_domain import own_classes, pooled_classes
 
-            return own_classes(self.tasks, task_index)
+            return own_classes(self.tasks, task_index, pooled_classes(self.tasks, self.template_owners))
         return self.tasks[task_index].classes
 
     def evaluation_classes(self) -> list[ClassText]:
@@ -182,7 +186,7 @@ class Stream:
         if self.protocol in OPEN_DOMAIN_PROTOCOLS:
             from clipcl.data.open_domain import pooled_classes
 
-            return list(pooled_classes(self.tasks).values())
+            return list(pooled_classes(self.tasks, self.template_owners).values())
         return list(dict.fromkeys(class_text for task in self.tasks for class_text in task.classes))
 
     def tasks_containing(self, class_name: str) -> list[int]:
@@ -332,4 +336,9 @@ def build_stream(stream_config, seed: int) -> Stream:
         if name in trained:
             raise DataError(f"held-out dataset {name} is also in the stream")
         heldout.append(heldout_set(cap_test(load(name, "test"), config.heldout_samples)))
-    return Stream(config.protocol, tasks, heldout)
+    owners = {}
+    if config.official_template_owners:
+        from clipcl.data.open_domain import TEMPLATE_OWNER
+
+        owners = dict(TEMPLATE_OWNER)
+    return Stream(config.protocol, tasks, heldout, owners)
