@@ -6,7 +6,7 @@ EfficientNet-Lite0 has no token sequence, so the starter gets an analogue with t
 zero-shot feature):
 
 - Each prompt vector ``q`` (1280-d, the channels of the final feature map) is a query that
-  attention-pools the final feature map ``f`` (``[1280, h, w]``, 4x4 at the starter's 112 px;
+  attention-pools the final feature map ``f`` (``[1280, h, w]``, 3x3 at the starter's 112 px;
   7x7 at 224 px): weights ``softmax_p(q . f_p / sqrt(1280))`` over the ``h * w`` positions, keys and
   values the feature map itself.
 - The pooled 1280-d vector then goes through the starter's own head exactly as the global average
