@@ -6,10 +6,12 @@
 | ``adapter`` | :mod:`~clipcl.adapt.adapter` | name patterns (``backend.adaptation_targets("adapter")``; ``"adapter_sequential"`` for LifeLong-CLIP's placement) | :class:`AdapterConfig` |
 | MoE experts and routers | :mod:`~clipcl.adapt.moe` | ``backend.adaptation_sites("moe")`` | arguments of :func:`inject_moe_adapters` |
 | prompt tokens | :mod:`~clipcl.adapt.prompts` | ``backend.adaptation_sites("prompts")`` | :class:`PromptConfig` |
+| per-task prompt tokens (CoLeCLIP) | :mod:`~clipcl.adapt.task_prompts` | ``backend.encode_image_with_task_prompts`` (width: ``backend.image_token_width``) | :class:`TaskPromptConfig` |
 | grown token embeddings | :mod:`~clipcl.adapt.tokens` | ``backend.token_embedding_site()`` | :class:`TokenGrowthConfig` |
 
 Every module keeps what it wraps as ``.base`` and starts out computing exactly what the model did
-without it (zero-initialised last layers, no prompts, no added ids). New parameters draw from torch's
+without it (zero-initialised last layers, no prompts, no added ids). Per-task prompts wrap nothing:
+the backend runs them beside its unchanged image tower, whose class-token feature stays the zero-shot one. New parameters draw from torch's
 global generator and take the wrapped module's dtype and device.
 """
 
@@ -32,6 +34,7 @@ from clipcl.adapt.inject import (
 from clipcl.adapt.lora import LORA, LoRAConfig, LoRAConv1x1, LoRALinear, LoRAMultiheadAttention
 from clipcl.adapt.moe import MoEAdapter, Router, active_router, inject_moe_adapters
 from clipcl.adapt.prompts import PromptConfig, PromptTokens, inject_prompts
+from clipcl.adapt.task_prompts import TaskPromptConfig, TaskPrompts, task_prompt_mask
 from clipcl.adapt.tokens import ExpandableEmbedding, TokenGrowthConfig, grow_token_embedding
 from clipcl.config.schema import ConfigError
 
@@ -77,6 +80,8 @@ __all__ = [
     "PromptTokens",
     "Router",
     "SequentialAdapter",
+    "TaskPromptConfig",
+    "TaskPrompts",
     "TokenGrowthConfig",
     "active_router",
     "added_parameters",
@@ -87,4 +92,5 @@ __all__ = [
     "inject",
     "inject_moe_adapters",
     "inject_prompts",
+    "task_prompt_mask",
 ]

@@ -19,6 +19,8 @@ A backend is an ``nn.Module`` holding two towers and a temperature:
   LoRA and adapters (from its own ``ADAPTATION_TARGETS`` table); ``adaptation_sites(kind, towers)``
   the places it declares for kinds that need more than a name (MoE mixtures, prompt tokens). The
   code in :mod:`clipcl.adapt` never names a backend's internals; only the backends do.
+- Per-task prompts (CoLeCLIP): ``encode_image_with_task_prompts(images, prompts, per_task)`` and
+  ``image_token_width``; towers without them raise one ConfigError line.
 """
 
 from __future__ import annotations
@@ -201,6 +203,28 @@ class Backend(nn.Module):
             return (encode or self.encode_text)(tokens)
         finally:
             handle.remove()
+
+    # --- per-task prompt tokens (CoLeCLIP) ----------------------------------------------------------
+    @property
+    def image_token_width(self) -> int:
+        """The width of the vectors :meth:`encode_image_with_task_prompts` takes as prompts (a ViT's
+        token width; the starter's feature-map channels)."""
+        raise ConfigError(f"task prompts: the {type(self).__name__} image tower takes no per-task prompts")
+
+    def encode_image_with_task_prompts(self, images: torch.Tensor, prompts: torch.Tensor,
+                                       per_task: int = 1) -> torch.Tensor:
+        """The image tower with per-task prompt tokens, ``[N, 1 + T, D]``, projected and unnormalised.
+
+        ``prompts`` is ``[T * per_task, image_token_width]``, task 0's group first
+        (:attr:`clipcl.adapt.TaskPrompts.prompts`). Index 0 is the class-token feature, equal to
+        ``encode_image(images)`` bit for bit, whatever the prompts hold; index ``1 + t`` is task ``t``'s
+        output, the mean over its group's ``per_task`` tokens. In a ViT the prompts enter before the
+        pre-norm without a position embedding; a prompt of task ``j`` attends to the prompts of tasks
+        ``0..j`` and to the class and patch tokens, which attend to no prompt (CoLeCLIP's mask;
+        :mod:`clipcl.models.task_prompt_towers`). Combining the class and prompt outputs is the
+        strategy's business. Towers that cannot take prompts raise one ConfigError line.
+        """
+        raise ConfigError(f"task prompts: the {type(self).__name__} image tower takes no per-task prompts")
 
     # --- adaptation ------------------------------------------------------------------------------
     def adaptation_targets(self, kind: str, towers: Sequence[str] = TOWERS) -> list[str]:

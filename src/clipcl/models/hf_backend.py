@@ -268,6 +268,18 @@ class HFClipBackend(Backend):
         return projection(pooled) if projection is not None else pooled
 
     @property
+    def image_token_width(self) -> int:
+        if not hasattr(self.model.vision_model, "pre_layrnorm"):
+            raise ConfigError(f"task prompts: the {self.model_type} image tower has no class token to prompt beside")
+        return int(self.model.config.vision_config.hidden_size)
+
+    def encode_image_with_task_prompts(self, images: torch.Tensor, prompts: torch.Tensor,
+                                       per_task: int = 1) -> torch.Tensor:
+        from clipcl.models.task_prompt_towers import hf_task_features
+
+        return hf_task_features(self.model, self.model_type, self.encode_image, images, prompts, per_task)
+
+    @property
     def logit_scale(self) -> nn.Parameter:
         return self.model.logit_scale
 

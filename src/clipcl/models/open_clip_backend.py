@@ -330,6 +330,19 @@ class OpenClipBackend(Backend):
         return self._encode_text_replacing_embeddings(embeddings, tokens, self.model.encode_text)
 
     @property
+    def image_token_width(self) -> int:
+        visual = self.model.visual
+        if not hasattr(visual, "class_embedding"):
+            raise ConfigError(f"task prompts: the open_clip image tower {type(visual).__name__} has no token sequence")
+        return int(visual.class_embedding.shape[-1])
+
+    def encode_image_with_task_prompts(self, images: torch.Tensor, prompts: torch.Tensor,
+                                       per_task: int = 1) -> torch.Tensor:
+        from clipcl.models.task_prompt_towers import open_clip_task_features
+
+        return open_clip_task_features(self.model.visual, self.encode_image, images, prompts, per_task)
+
+    @property
     def logit_scale(self) -> nn.Parameter:
         return self.model.logit_scale
 

@@ -133,7 +133,10 @@ class ConSEImageTower(nn.Module):
         return self
 
     def semantic_embedding(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.classifier(images)
+        return self.embedding_from_logits(self.classifier(images))
+
+    def embedding_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The ConSE step: softened, top-k ImageNet probabilities -> mean of the class-prompt embeddings."""
         probabilities = torch.softmax(logits / self.temperature, dim=-1)
         if self.top_k < probabilities.shape[-1]:
             top = probabilities.topk(self.top_k, dim=-1)
@@ -293,6 +296,17 @@ class StarterBackend(Backend):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self._text(tokens, self.pad_token_id)
+
+    @property
+    def image_token_width(self) -> int:
+        return int(self._image.classifier._fc.in_features)  # the final feature map's channels (1280)
+
+    def encode_image_with_task_prompts(self, images: torch.Tensor, prompts: torch.Tensor,
+                                       per_task: int = 1) -> torch.Tensor:
+        """clipcl's CNN analogue of CoLeCLIP's prompts (not CoLeCLIP's): :mod:`clipcl.models.starter_prompts`."""
+        from clipcl.models.starter_prompts import starter_task_features
+
+        return starter_task_features(self._image, images, prompts, per_task)
 
     @property
     def logit_scale(self) -> nn.Parameter:
