@@ -2,7 +2,8 @@
 
 Every image is classified on its own: its features depend only on its own pixels (models are in
 eval mode, no batch statistics), and the prediction is the argmax over the label space of the
-cosine similarity with the class prompts. Under data parallelism each process evaluates its shard
+cosine similarity with the class prompts (for a strategy with ``scores_image_views``, each class's
+similarity is the best of the image views it allows: :func:`_predict_from_views`). Under data parallelism each process evaluates its shard
 and (correct, total) counts are summed, so the result is exact, not an average of averages.
 
 What the batch does and does not change: an image's features depend on its own pixels only, but
