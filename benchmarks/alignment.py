@@ -27,6 +27,7 @@ every run.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -132,38 +133,51 @@ def per_phase(results: dict) -> dict:
     return {"rows": rows, "metrics": results["metrics"]}
 
 
-def summarise(collected: dict[str, dict[int, dict]]) -> tuple[dict, str]:
-    record, lines = {"machine": machine(), "methods": {}}, []
-    shown = [("old/image_to_text_R@1", "old I→T R@1"), ("old/text_to_image_R@1", "old T→I R@1"),
-             ("new/image_to_text_R@1", "new I→T R@1"), ("new/text_to_image_R@1", "new T→I R@1"),
-             ("old/modality_gap", "old gap"), ("old/alignment", "old align"),
-             ("old/vs_zero_shot/rotation_image_deg", "old img rot°"),
-             ("old/vs_zero_shot/inter_modal_deviation_deg", "old inter-dev°"),
-             ("old/vs_zero_shot/similarity_correlation_image", "old img sim-corr")]
-    last_shown = [("old/image_to_text_R@1", "old I→T R@1"), ("old/image_to_text_R@5", "R@5"),
-                  ("old/image_to_text_R@10", "R@10"), ("old/text_to_image_R@1", "old T→I R@1"),
-                  ("old/text_to_image_R@5", "R@5"), ("old/text_to_image_R@10", "R@10"),
-                  ("new/image_to_text_R@1", "new I→T R@1"), ("new/text_to_image_R@1", "new T→I R@1")]
-    lines += [("### After the last phase (mean ± std over seeds; old: Tux Paint test, new: the five openclipart "
-              "test slices)"), "", "| method | seeds | " + " | ".join(label for _, label in last_shown) + " |",
-              "|---|---|" + "---|" * len(last_shown)]
+def summarise(collected: dict[str, dict[int, dict]]) -> dict:
+    """Mean ± std over seeds of every per-phase value, per method."""
+    record = {"machine": machine(), "methods": {}}
     for method, by_seed in collected.items():
-        final = {key: mean_and_std([by_seed[seed]["rows"][-1].get(key) for seed in by_seed]) for key, _ in last_shown}
-        lines.append(f"| {method} | {len(by_seed)} | " + " | ".join(cell(final[key]) for key, _ in last_shown) + " |")
+        first = next(iter(by_seed.values()))["rows"]
+        record["methods"][method] = {
+            "seeds": sorted(by_seed),
+            "rows": [{key: mean_and_std([by_seed[seed]["rows"][row].get(key) for seed in by_seed])
+                      for key in first[row]} for row in range(len(first))]}
+    return record
+
+
+SHOWN = [("old/image_to_text_R@1", "old I→T R@1"), ("old/text_to_image_R@1", "old T→I R@1"),
+         ("new/image_to_text_R@1", "new I→T R@1"), ("new/text_to_image_R@1", "new T→I R@1"),
+         ("old/modality_gap", "old gap"), ("old/alignment", "old align"),
+         ("old/vs_zero_shot/rotation_image_deg", "old img rot°"),
+         ("old/vs_zero_shot/inter_modal_deviation_deg", "old inter-dev°"),
+         ("old/vs_zero_shot/similarity_correlation_image", "old img sim-corr")]
+THREE_PLACES = {"old/modality_gap", "old/alignment", "old/vs_zero_shot/similarity_correlation_image"}
+LAST_SHOWN = [("old/image_to_text_R@1", "old I→T R@1"), ("old/image_to_text_R@5", "R@5"),
+              ("old/image_to_text_R@10", "R@10"), ("old/text_to_image_R@1", "old T→I R@1"),
+              ("old/text_to_image_R@5", "R@5"), ("old/text_to_image_R@10", "R@10"),
+              ("new/image_to_text_R@1", "new I→T R@1"), ("new/text_to_image_R@1", "new T→I R@1")]
+
+
+def markdown(record: dict) -> str:
+    """The summary's tables: the last phase across methods, then every phase per method."""
+    lines = [("### After the last phase (mean ± std over seeds; old: Tux Paint test, new: the five openclipart "
+              "test slices)"), "", "| method | seeds | " + " | ".join(label for _, label in LAST_SHOWN) + " |",
+             "|---|---|" + "---|" * len(LAST_SHOWN)]
+    for method, summary in record["methods"].items():
+        final = summary["rows"][-1]
+        lines.append(f"| {method} | {len(summary['seeds'])} | "
+                     + " | ".join(cell(final.get(key)) for key, _ in LAST_SHOWN) + " |")
     lines.append("")
-    for method, by_seed in collected.items():
-        phases = len(next(iter(by_seed.values()))["rows"])
-        summary = [{key: mean_and_std([by_seed[seed]["rows"][row].get(key) for seed in by_seed])
-                    for key in by_seed[next(iter(by_seed))]["rows"][row]} for row in range(phases)]
-        record["methods"][method] = {"seeds": sorted(by_seed), "rows": summary}
-        lines += [f"### {method} ({len(by_seed)} seeds)", "",
-                  "| after | " + " | ".join(label for _, label in shown) + " |", "|---|" + "---|" * len(shown)]
-        for row, entry in enumerate(summary):
+    for method, summary in record["methods"].items():
+        lines += [f"### {method} ({len(summary['seeds'])} seeds)", "",
+                  "| after | " + " | ".join(label for _, label in SHOWN) + " |", "|---|" + "---|" * len(SHOWN)]
+        for row, entry in enumerate(summary["rows"]):
             label = "pretrained" if row == 0 else f"phase {row}"
-            lines.append(f"| {label} | " + " | ".join(cell(entry.get(key)) if "corr" not in key
-                                                      else _cell3(entry.get(key)) for key, _ in shown) + " |")
+            # Gap, alignment and correlations move in the second or third decimal: three places.
+            lines.append(f"| {label} | " + " | ".join(_cell3(entry.get(key)) if key in THREE_PLACES
+                                                      else cell(entry.get(key)) for key, _ in SHOWN) + " |")
         lines.append("")
-    return record, "\n".join(lines)
+    return "\n".join(lines)
 
 
 def _cell3(entry: dict | None) -> str:
@@ -182,7 +196,13 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=100, help="test images per phase (cap)")
     parser.add_argument("--root", default="runs/alignment")
     parser.add_argument("--output", default="docs/results/alignment.json")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the Markdown beside --output from its JSON summary; run nothing")
     args = parser.parse_args()
+    if args.render_only:
+        record = json.loads(Path(args.output).read_text())
+        write_summary(args.output, record, markdown(record))
+        return
     torch.set_num_threads(2)
     seeds = [int(seed) for seed in args.seeds.split(",")]
     methods = choices(parser, args.methods, METHODS, "method")
@@ -199,9 +219,8 @@ def main() -> None:
             results = run_experiment(config, show_progress=False)
             collected.setdefault(method, {})[seed] = per_phase(results)
             print(f"seed {seed} {method}: {time.perf_counter() - started:.0f} s", flush=True)
-            record, markdown = summarise(collected)
-            record["settings"] = vars(args)
-            write_summary(args.output, record, markdown)
+            record = {**summarise(collected), "settings": vars(args)}
+            write_summary(args.output, record, markdown(record))
 
 
 if __name__ == "__main__":

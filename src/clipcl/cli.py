@@ -118,7 +118,7 @@ def command_metrics(args: argparse.Namespace) -> int:
 
     try:
         matrix = read_matrix(args.file, fractions=args.fractions)
-        metrics = all_metrics(matrix, class_incremental=args.class_incremental)
+        metrics = all_metrics(matrix, class_incremental=args.class_incremental, open_domain=args.open_domain)
     except ValueError as error:
         return _fail(str(error))
     if args.json:
@@ -263,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("file", help="CSV (T x T percentages, optional header row and label column) or JSON; - for stdin")
     metrics.add_argument("--json", action="store_true", help="print a JSON object")
     metrics.add_argument("--class-incremental", action="store_true", help="also average incremental accuracy")
+    metrics.add_argument("--open-domain", action="store_true", help="also CoLeCLIP's seen-average (seen_avg)")
     metrics.add_argument("--fractions", action="store_true",
                          help="the values are fractions in [0, 1]: multiply them by 100")
     metrics.set_defaults(handler=command_metrics)

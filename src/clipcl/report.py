@@ -28,6 +28,7 @@ COMPARISON_COLUMNS = [
     ("bwt", "BWT"),
     ("forgetting", "Forgetting"),
     ("avg_incremental", "Avg inc."),
+    ("seen_avg", "Seen avg"),
     ("heldout_zero_shot", "Held-out ZS"),
     ("heldout_last", "Held-out last"),
     ("heldout_retention", "Held-out retention"),

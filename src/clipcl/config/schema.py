@@ -18,7 +18,8 @@ class ConfigError(UserError, ValueError):
 BACKENDS = ("starter", "open_clip", "hf")
 """Valid values of ``model.backend``."""
 LR_SCHEDULES = ("cosine", "constant", "step")
-PROTOCOLS = ("class_incremental", "multi_domain", "xtail", "si_blurry", "captions")
+PROTOCOLS = ("class_incremental", "multi_domain", "xtail", "open_domain_til", "open_domain_cil", "si_blurry",
+             "captions")
 """Valid values of ``stream.protocol``."""
 PRECISIONS = ("fp32", "bf16", "fp16")
 """Valid values of ``train.precision``."""
@@ -102,8 +103,10 @@ class StreamConfig:
     """Which protocol and data."""
 
     protocol: str = "multi_domain"
-    """``class_incremental``, ``multi_domain`` (MTIL, task id known), ``xtail`` (no domain id) or
-    ``si_blurry`` (one online stream with stochastic blurry task boundaries; see clipcl.engine.online) or
+    """``class_incremental``, ``multi_domain`` (MTIL, task id known), ``xtail`` (no domain id),
+    ``open_domain_til`` / ``open_domain_cil`` (CoLeCLIP's open-domain TIL and CIL: shared class names are
+    one class with pooled templates; CIL: no task id, seen tasks among the union of the seen classes,
+    unseen ones among their own; see clipcl.data.open_domain) or ``si_blurry`` (one online stream with stochastic blurry task boundaries; see clipcl.engine.online) or
     ``captions`` (phases of image-caption pairs trained contrastively; see clipcl.data.caption_stream)."""
     datasets: list[str] = field(default_factory=lambda: ["fashion_mnist", "mnist_5k", "digits"])
     """Datasets in training order (class_incremental uses the first one), or an order name
@@ -132,6 +135,10 @@ class StreamConfig:
     """si_blurry: N, the share of classes that are disjoint (all their samples in one hidden task)."""
     blurry_sample_ratio: float = 0.1
     """si_blurry: M, the share of the blurry classes' samples that arrive in other hidden tasks."""
+    official_template_owners: bool = False
+    """Open-domain protocols: prompt ``forest`` and ``river`` with EuroSAT's templates alone when EuroSAT
+    is in the stream, as CoLeCLIP's code does (``engine/trainer.py:246-256``); default: they pool the
+    templates of every dataset holding them, like every other shared class."""
 
     def __post_init__(self) -> None:
         self.validate()

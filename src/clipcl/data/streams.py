@@ -1,4 +1,4 @@
-"""Streams of tasks: the three offline protocols of this release.
+"""Streams of tasks: the offline task protocols.
 
 A :class:`Stream` is a list of :class:`Task` objects plus the rule that says, for an accuracy-matrix
 entry (after training task ``t``, evaluated on task ``d``), which label space the test images of
@@ -12,6 +12,11 @@ task ``d`` are classified into:
 - ``xtail`` (X-TAIL): the same sequence, but no domain id at test: every image is classified among the
   union of the class names of *all* domains, seen and unseen. Classes with the same name in two domains
   (e.g. the digits of MNIST and of sklearn's digits) are one label, so naming the class right counts.
+- ``open_domain_til`` and ``open_domain_cil`` (CoLeCLIP's ODCL-TIL / ODCL-CIL): the same sequence.
+  TIL: task id known, own classes. CIL: no task id; a seen task is classified among the de-duplicated
+  union of the classes of the tasks seen so far, an unseen one among its own classes. A class name
+  shared by several tasks is one class prompted with their pooled templates, in both. See
+  :mod:`clipcl.data.open_domain`.
 
 Everything is deterministic given the seed.
 """
@@ -28,7 +33,10 @@ from torch.utils.data import Dataset
 
 from clipcl.data.base import ClassificationDataset, DataError, SubsetDataset
 
-PROTOCOLS = ("class_incremental", "multi_domain", "xtail")
+OPEN_DOMAIN_PROTOCOLS = ("open_domain_til", "open_domain_cil")
+PROTOCOLS = ("class_incremental", "multi_domain", "xtail", *OPEN_DOMAIN_PROTOCOLS)
+TASK_ID_AT_TEST = ("multi_domain", "open_domain_til")
+"""The protocols whose evaluation is told which task an image comes from."""
 
 # Test subsets are drawn with this fixed seed, whatever the run seed, so every method and every seed
 # is measured on the same test images.
@@ -127,11 +135,14 @@ class Stream:
     protocol: str
     tasks: list[Task]
     heldout: list[HeldOut] = field(default_factory=list)
+    template_owners: dict[str, str] = field(default_factory=dict)
+    """Open-domain protocols: shared class names prompted by one task's templates alone (name -> task
+    name; empty: every shared name pools its templates; see clipcl.data.open_domain)."""
 
     @property
     def task_id_at_test(self) -> bool:
         """Whether evaluation may tell the model which task an image comes from."""
-        return self.protocol == "multi_domain"
+        return self.protocol in TASK_ID_AT_TEST
 
     def eval_label_space(self, after_task: int, eval_task: int) -> tuple[list[ClassText], dict[int, int]]:
         """Label space and dataset-label -> index map for entry (after ``after_task``, on ``eval_task``).
@@ -139,6 +150,11 @@ class Stream:
         ``after_task`` is -1 for the zero-shot row (before any training).
         """
         task = self.tasks[eval_task]
+        if self.protocol in OPEN_DOMAIN_PROTOCOLS:
+            from clipcl.data.open_domain import open_domain_label_space
+
+            return open_domain_label_space(self.tasks, self.protocol, after_task, eval_task,
+                                           self.template_owners)
         if self.protocol == "multi_domain":
             return task.classes, task.target_of_label
         if self.protocol == "class_incremental":
@@ -153,6 +169,30 @@ class Stream:
             return classes, {label: index_of_name[task.classes[index].name]
                              for label, index in task.target_of_label.items()}
         raise ValueError(f"unknown protocol {self.protocol!r}")
+
+    def own_label_space(self, task_index: int) -> list[ClassText]:
+        """Task ``task_index``'s own classes (in target order) as evaluation prompts them: under the
+        open-domain protocols a class shared with other tasks carries the pooled templates; otherwise
+        ``task.classes``."""
+        if self.protocol in OPEN_DOMAIN_PROTOCOLS:
+            from clipcl.data.open_domain import own_classes, pooled_classes
+
+            return own_classes(self.tasks, task_index, pooled_classes(self.tasks, self.template_owners))
+        return self.tasks[task_index].classes
+
+    def evaluation_classes(self) -> list[ClassText]:
+        """Every distinct class any label space of this stream's tasks can hold, in first-seen order
+        (the canonical list the shared text cache encodes once per row; held-out sets not included)."""
+        if self.protocol in OPEN_DOMAIN_PROTOCOLS:
+            from clipcl.data.open_domain import pooled_classes
+
+            return list(pooled_classes(self.tasks, self.template_owners).values())
+        return list(dict.fromkeys(class_text for task in self.tasks for class_text in task.classes))
+
+    def tasks_containing(self, class_name: str) -> list[int]:
+        """Indices of the tasks whose own classes include ``class_name`` (exact name), in stream order:
+        for a class of an open-domain label space, the tasks it was (or will be) learnt in."""
+        return [task.index for task in self.tasks if any(c.name == class_name for c in task.classes)]
 
     def _union_label_space(self) -> tuple[list[ClassText], dict[str, int]]:
         classes: list[ClassText] = []
@@ -296,4 +336,9 @@ def build_stream(stream_config, seed: int) -> Stream:
         if name in trained:
             raise DataError(f"held-out dataset {name} is also in the stream")
         heldout.append(heldout_set(cap_test(load(name, "test"), config.heldout_samples)))
-    return Stream(config.protocol, tasks, heldout)
+    owners = {}
+    if config.official_template_owners:
+        from clipcl.data.open_domain import TEMPLATE_OWNER
+
+        owners = dict(TEMPLATE_OWNER)
+    return Stream(config.protocol, tasks, heldout, owners)

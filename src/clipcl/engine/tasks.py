@@ -26,6 +26,7 @@ from clipcl.checkpoint import (
     save_checkpoint,
 )
 from clipcl.config import to_dict
+from clipcl.data.streams import OPEN_DOMAIN_PROTOCOLS
 from clipcl.engine.batches import (
     CaptionStreamImages,
     GlobalBatchSampler,
@@ -244,7 +245,8 @@ def build_results(context: RunContext, progress: dict[str, Any]) -> dict[str, An
     # A caption phase's size is its number of test images (its rows are captions).
     task_sizes = [task.test.num_images if captions else len(task.test) for task in stream.tasks]
     matrix = progress["rows"]
-    metrics = metrics_module.all_metrics(matrix, task_sizes, class_incremental=stream.protocol == "class_incremental")
+    metrics = metrics_module.all_metrics(matrix, task_sizes, class_incremental=stream.protocol == "class_incremental",
+                                         open_domain=stream.protocol in OPEN_DOMAIN_PROTOCOLS)
     heldout_names = [held.name for held in stream.heldout]
     zero_shot_heldout = progress["zero_shot_heldout"]  # None with eval.zero_shot_row=false
     if heldout_names:

@@ -268,8 +268,8 @@ def evaluate_row(
     for task in stream.tasks:
         classes, target_of_label = stream.eval_label_space(after_task, task.index)
         task_index = task.index if stream.task_id_at_test else None
-        row.append(measure(f"task/{task.name}", task.test, classes, target_of_label, task.classes,
-                           task.target_of_label, task_index))
+        row.append(measure(f"task/{task.name}", task.test, classes, target_of_label,
+                           stream.own_label_space(task.index), task.target_of_label, task_index))
     heldout = [measure(f"held-out/{held.name}", held.test, held.classes, held.target_of_label, held.classes,
                        held.target_of_label, None) for held in stream.heldout]
     return row, heldout, time.perf_counter() - started

@@ -43,6 +43,14 @@ def last(matrix) -> float:
     return float(as_matrix(matrix)[-1].mean())
 
 
+def seen_average(matrix) -> float:
+    """CoLeCLIP's seen-average: for each task d, the mean of acc[t, d] over t >= d (the lower triangle,
+    diagonal included: every moment after task d was learnt); then the mean over d. The official
+    ``tools/eval_metric.py:42-48`` (YukunLi99/CoLeCLIP @ c6f8d34) averages per column, then over columns."""
+    array = as_matrix(matrix)
+    return float(np.mean([array[d:, d].mean() for d in range(array.shape[0])]))
+
+
 def backward_transfer(matrix) -> float:
     """BWT (Lopez-Paz & Ranzato 2017): mean over d < T of acc[T, d] - acc[d, d]. NaN when T = 1."""
     array = as_matrix(matrix)
@@ -148,8 +156,10 @@ def retrieval_change(before: dict[str, dict[str, float]], after: dict[str, dict[
     return results
 
 
-def all_metrics(matrix, task_sizes: Sequence[int] | None = None, class_incremental: bool = False) -> dict[str, float]:
-    """Every matrix metric in one dict (keys: transfer, avg, last, bwt, forgetting[, avg_incremental])."""
+def all_metrics(matrix, task_sizes: Sequence[int] | None = None, class_incremental: bool = False,
+                open_domain: bool = False) -> dict[str, float]:
+    """Every matrix metric in one dict (keys: transfer, avg, last, bwt, forgetting[, avg_incremental]
+    [, seen_avg with ``open_domain``])."""
     metrics = {
         "transfer": transfer(matrix),
         "avg": average(matrix),
@@ -159,6 +169,8 @@ def all_metrics(matrix, task_sizes: Sequence[int] | None = None, class_increment
     }
     if class_incremental:
         metrics["avg_incremental"] = average_incremental_accuracy(matrix, task_sizes)
+    if open_domain:
+        metrics["seen_avg"] = seen_average(matrix)
     return metrics
 
 

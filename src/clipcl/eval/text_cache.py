@@ -30,11 +30,17 @@ from clipcl.eval.cache import FeatureCache
 
 
 def stream_classes(stream) -> list[ClassText]:
-    """Every distinct class (name and templates) of the stream's tasks (an online stream: all its
-    classes, in label order), then of its held-out sets."""
+    """Every distinct class (name and templates) the stream's label spaces can hold (a task stream:
+    :meth:`~clipcl.data.streams.Stream.evaluation_classes`, which for the open-domain protocols are
+    the classes with pooled templates; an online stream: all its classes, in label order), then the
+    classes of its held-out sets. Classes are keyed by name *and* templates, so a merged class is
+    never served the features of a single dataset's prompts."""
     seen: dict[ClassText, None] = {}
-    for classes in [task.classes for task in stream.tasks] if hasattr(stream, "tasks") else [stream.classes]:
-        seen.update(dict.fromkeys(classes))
+    if hasattr(stream, "evaluation_classes"):
+        seen.update(dict.fromkeys(stream.evaluation_classes()))
+    else:
+        for classes in [task.classes for task in stream.tasks] if hasattr(stream, "tasks") else [stream.classes]:
+            seen.update(dict.fromkeys(classes))
     for held in stream.heldout:
         seen.update(dict.fromkeys(held.classes))
     return list(seen)
