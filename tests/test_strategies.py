@@ -34,6 +34,7 @@ CASES = [
                       "dropout": 0.0}, True),
     ("moe_adapters-shared", {"name": "moe_adapters", "num_experts": 2, "routers": "shared", "selector": "none",
                              "freeze_experts_per_task": 0, "train": "image", "label_smoothing": 0.0}, True),
+    ("coleclip", {"name": "coleclip"}, True),
 ]
 
 

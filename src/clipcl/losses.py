@@ -16,6 +16,20 @@ def clip_logits(image_features: torch.Tensor, text_features: torch.Tensor, logit
     return logit_scale.exp() * normalize(image_features) @ normalize(text_features).t()
 
 
+def best_view_scores(views: torch.Tensor, texts: torch.Tensor, allowed: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and class, the best similarity over the image views allowed to score that class.
+
+    ``views`` ``[N, V, D]``, ``texts`` ``[C, D]``, ``allowed`` ``[C, V]`` (bool) -> ``(scores [N, C],
+    best view [N, C])``, in the inputs' dtype; a class with no allowed view scores -inf. The gradient
+    reaches the winning view only, as a max does.
+    """
+    similarity = torch.einsum("nvd,cd->nvc", views, texts)
+    similarity = similarity.masked_fill(~allowed.t().unsqueeze(0).to(similarity.device), float("-inf"))
+    scores, best = similarity.max(dim=1)
+    return scores, best
+
+
 def classification_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy of image-vs-class-prompt logits, optionally with label smoothing."""
     return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)

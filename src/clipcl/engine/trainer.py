@@ -107,6 +107,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: learning_rate_factor(step, total, config.warmup_steps, schedule,
                                                               step_size, config.lr_step_gamma))
+        begin_training = getattr(self.strategy, "begin_training", None)  # a Strategy hook; test doubles lack it
+        if begin_training is not None:
+            begin_training(total)
         return True
 
     def device_batch(self, batch: dict, experience) -> dict:

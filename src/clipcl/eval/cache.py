@@ -100,7 +100,8 @@ class FeatureCache:
         # A file without this format's checksum (an older clipcl, or written by hand) is not trusted.
         if metadata.get("format") != CACHE_FORMAT or "sha256" not in metadata or features is None:
             return None
-        if features.ndim != 2 or (rows is not None and features.shape[0] != rows):
+        # 2-d: one feature per image; 3-d: several views per image (``Strategy.scores_image_views``).
+        if features.ndim not in (2, 3) or (rows is not None and features.shape[0] != rows):
             return None
         return features
 

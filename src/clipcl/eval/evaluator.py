@@ -2,7 +2,8 @@
 
 Every image is classified on its own: its features depend only on its own pixels (models are in
 eval mode, no batch statistics), and the prediction is the argmax over the label space of the
-cosine similarity with the class prompts. Under data parallelism each process evaluates its shard
+cosine similarity with the class prompts (for a strategy with ``scores_image_views``, each class's
+similarity is the best of the image views it allows: :func:`_predict_from_views`). Under data parallelism each process evaluates its shard
 and (correct, total) counts are summed, so the result is exact, not an average of averages.
 
 What the batch does and does not change: an image's features depend on its own pixels only, but
@@ -27,6 +28,7 @@ from clipcl.data.streams import ClassText, LabelledView, Stream
 from clipcl.engine.runtime import Runtime
 from clipcl.eval.cache import FeatureCache
 from clipcl.eval.text_cache import RowText, stream_classes
+from clipcl.losses import best_view_scores
 from clipcl.strategies.base import Strategy
 
 AUTO_BATCH_SIZE = {"cpu": 16, "cuda": 256}
@@ -81,8 +83,14 @@ def routed_image_features(
 ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
     """As :func:`image_features`, plus each image's route (None when the strategy does not route)."""
     image_key = strategy.image_cache_key(task_index) if cache is not None else None
-    return encode_dataset(lambda images: strategy.encode_images_routed(images, task_index), image_key, dataset,
-                          strategy.backend, runtime, batch_size, cache, show_progress, num_workers)
+    if strategy.scores_image_views:  # [N, V, D] features, never routed
+        def encode(images):
+            return strategy.encode_image_views(images, task_index), None
+    else:
+        def encode(images):
+            return strategy.encode_images_routed(images, task_index)
+    return encode_dataset(encode, image_key, dataset, strategy.backend, runtime, batch_size, cache, show_progress,
+                          num_workers)
 
 
 @torch.no_grad()
@@ -151,9 +159,11 @@ def predict(
     a list the shard's image features are appended to (for the alignment measures)."""
     features, routes, labels = routed_image_features(strategy, dataset, task_index, runtime, batch_size, cache,
                                                      show_progress, num_workers)
+    text = text if text is not None else RowText(strategy, [], runtime, None)
+    if strategy.scores_image_views:
+        return _predict_from_views(strategy, features, classes, task_index, text, keep), labels
     if keep is not None:
         keep.append(features)
-    text = text if text is not None else RowText(strategy, [], runtime, None)
     # float64 for the similarities: ties and near-ties resolve the same on every batch layout.
     if routes is None:
         class_features = text.features(classes, task_index)
@@ -165,6 +175,35 @@ def predict(
         class_features = text.features(classes, task_index, route)
         predictions[rows.cpu()] = (features[rows].double() @ class_features.double().t()).argmax(dim=-1).cpu()
     return predictions, labels
+
+
+VIEW_CHUNK = 1024
+"""Images scored at a time on the multi-view path (its similarities are ``images x views x classes``)."""
+
+
+def _predict_from_views(strategy: Strategy, features: torch.Tensor, classes: list[ClassText], task_index: int | None,
+                        text: RowText, keep: list | None) -> torch.Tensor:
+    """Predictions of a ``scores_image_views`` strategy: each class scores with the best of the views
+    it allows (:meth:`Strategy.class_views`), in float64. ``keep`` receives, per image, the view that
+    scored its predicted class: the image embedding the prediction used."""
+    class_features = text.features(classes, task_index).double()
+    allowed = strategy.class_views(classes, task_index).to(features.device)
+    if len(features) == 0:  # an empty shard
+        if keep is not None:
+            keep.append(torch.zeros(0, class_features.shape[1], device=features.device))
+        return torch.zeros(0, dtype=torch.long)
+    predictions, chosen = [], []
+    for start in range(0, len(features), VIEW_CHUNK):
+        views = features[start: start + VIEW_CHUNK]
+        scores, best = best_view_scores(views.double(), class_features, allowed)
+        predicted = scores.argmax(dim=-1)
+        predictions.append(predicted.cpu())
+        if keep is not None:
+            rows = torch.arange(len(views), device=views.device)
+            chosen.append(views[rows, best[rows, predicted]])
+    if keep is not None:
+        keep.append(torch.cat(chosen))
+    return torch.cat(predictions)
 
 
 def count_correct(

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from clipcl.strategies.base import Strategy, StrategyConfig
+from clipcl.strategies.coleclip import CoLeCLIP
 from clipcl.strategies.er import ExperienceReplay
 from clipcl.strategies.finetune import Finetune
 from clipcl.strategies.lwf import LwF
@@ -38,6 +39,7 @@ METHODS: dict[str, type[Strategy]] = {
     "er": ExperienceReplay,
     "moe_adapters": MoEAdapters,
     "mod_x": ModX,
+    "coleclip": CoLeCLIP,
 }
 """The strategies that are classes, by name."""
 

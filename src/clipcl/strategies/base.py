@@ -139,6 +139,9 @@ class Strategy(nn.Module):
     feature_cache = None
     #: The run's runtime (set by :meth:`attach`): cross-process sums and inner fits go through it.
     runtime = None
+    #: Whether the evaluator scores each class with the best of several image views
+    #: (:meth:`encode_image_views`, :meth:`class_views`) instead of one feature per image.
+    scores_image_views: bool = False
 
     def __init__(self, backend: Backend, config: StrategyConfig) -> None:
         super().__init__()
@@ -165,6 +168,10 @@ class Strategy(nn.Module):
     def forward(self, batch: dict, task: Task) -> dict[str, torch.Tensor]:
         """Return ``{"loss": scalar, ...}`` for a micro-batch of ``task`` (see the module docstring)."""
         raise NotImplementedError(f"{type(self).__name__} does not train")
+
+    def begin_training(self, total_steps: int) -> None:
+        """Called by the trainer once an experience's optimizer exists: the optimizer steps it plans
+        (for methods whose loss changes partway through a task)."""
 
     def after_step(self, step: int) -> None:
         """Called after every optimizer step (e.g. for weight averaging)."""
@@ -208,6 +215,16 @@ class Strategy(nn.Module):
     def encode_classes_routed(self, classes: list[ClassText], task_index: int | None, route: int) -> torch.Tensor:
         """Class text features as seen by the images routed to ``route``."""
         return self.encode_classes(classes, task_index)
+
+    def encode_image_views(self, images: torch.Tensor, task_index: int | None) -> torch.Tensor:
+        """For ``scores_image_views`` methods: ``[N, V, D]`` normalised features, ``V`` views of each
+        image (``V`` fixed for a model state). The evaluator calls it instead of the routed path."""
+        raise NotImplementedError(f"{type(self).__name__} has one image feature per image")
+
+    def class_views(self, classes: list[ClassText], task_index: int | None) -> torch.Tensor:
+        """For ``scores_image_views`` methods: a ``[C, V]`` bool tensor, which views may score each of
+        ``classes`` (at least one per class); a class's score is the best of its allowed views."""
+        raise NotImplementedError(f"{type(self).__name__} has one image feature per image")
 
     def final_report(self, stream, runtime) -> dict:
         """Method-specific facts for results.json (``strategy_report``), computed after the last task."""
