@@ -94,9 +94,9 @@ def _task_prompts(backend, config: CoLeCLIPConfig):
     """The image tower's task prompts (``clipcl.adapt.task_prompts``), imported when first built."""
     from clipcl.adapt.task_prompts import TaskPromptConfig, TaskPrompts
 
-    sites = backend.adaptation_sites("prompts", ("image",))
-    return TaskPrompts(sites[0].width, TaskPromptConfig(per_task=config.prompts_per_task,
-                                                        init_high=config.prompt_init_high))
+    return TaskPrompts(backend.image_token_width, TaskPromptConfig(per_task=config.prompts_per_task,
+                                                                   init_high=config.prompt_init_high),
+                       device=backend.device)
 
 
 class CoLeCLIP(Strategy):
