@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from seeded import cell, choices, mean_and_std, write_summary
-from train_once import cached_record, train_and_evaluate
+from train_once import cached_record, config_digests, train_and_evaluate
 
 from clipcl.config import RunConfig, from_dict
 
@@ -65,9 +65,8 @@ def run_config(method: str, seed: int, protocol: str, args: argparse.Namespace) 
     })
 
 
-def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
+def run_one(method: str, seed: int, configs: dict[str, RunConfig]) -> dict:
     """Train ``method`` once on the stream and evaluate it under both protocols after every task."""
-    configs = {protocol: run_config(method, seed, protocol, args) for protocol in PROTOCOLS}
     record = train_and_evaluate(configs, train=METHODS[method][0]["name"] != "zero_shot")
     return {"method": method, "seed": seed, **record}
 
@@ -136,8 +135,9 @@ def main() -> None:
     started = time.perf_counter()
     for seed in seeds:
         for method in methods:
+            configs = {protocol: run_config(method, seed, protocol, args) for protocol in PROTOCOLS}
             record = cached_record(Path(args.output_dir) / method / f"seed{seed}.json",
-                                   partial(run_one, method, seed, args))
+                                   partial(run_one, method, seed, configs), config_digests(configs))
             records.append(record)
             md, xt = record["metrics"]["multi_domain"], record["metrics"]["xtail"]
             print(f"{method:<12} seed {seed}: MTIL Transfer {md['transfer']:5.1f} Avg {md['avg']:5.1f} Last {md['last']:5.1f}"

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipcl.checkpoint import atomic_write_json
-from clipcl.config import RunConfig
+from clipcl.checkpoint import atomic_write_json, fingerprint_digest
+from clipcl.config import RunConfig, config_fingerprint
 from clipcl.data.streams import OPEN_DOMAIN_PROTOCOLS, build_stream
 from clipcl.engine.runtime import Runtime
 from clipcl.engine.tasks import standalone_context, train_one_task
@@ -101,16 +101,31 @@ def train_and_evaluate(configs: dict[str, RunConfig], train: bool = True) -> dic
             "strategy_report": strategy.final_report(context.stream, runtime)}
 
 
-def cached_record(path: str | Path, compute: Callable[[], dict]) -> dict:
+def config_digests(configs: dict[str, RunConfig]) -> dict[str, str]:
+    """Per protocol, the digest of everything in its config that changes a number (what a run checks
+    before it resumes: ``clipcl.config.config_fingerprint``)."""
+    return {protocol: fingerprint_digest(config_fingerprint(config)) for protocol, config in configs.items()}
+
+
+def cached_record(path: str | Path, compute: Callable[[], dict], identity: dict | None = None) -> dict:
     """The record saved at ``path`` when there is one (a finished (method, seed)); otherwise
-    ``compute()``'s, with the wall ``seconds`` it took added, written atomically (an interrupted
-    benchmark leaves no half-written record)."""
+    ``compute()``'s, with the wall ``seconds`` it took and ``identity`` added, written atomically (an
+    interrupted benchmark leaves no half-written record).
+
+    A saved record whose ``identity`` (e.g. :func:`config_digests`) differs from the given one was
+    made with other settings (other caps, epochs or rates): that stops the benchmark with one line
+    rather than mixing it in. Records saved before identities were kept have none and are read back.
+    """
     path = Path(path)
     if path.exists():
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
+        if identity is not None and record.get("identity", identity) != identity:
+            raise SystemExit(f"{path} was made with other settings; remove it or choose another --output-dir")
+        return record
     started = time.perf_counter()
     record = compute()
     record["seconds"] = time.perf_counter() - started
+    record["identity"] = identity
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, record)
     return record
