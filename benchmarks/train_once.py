@@ -49,6 +49,13 @@ def stream_metrics(protocol: str, task_sizes: list[int], rows: dict) -> dict[str
     return values
 
 
+def _without_protocol(config: RunConfig) -> dict:
+    """Everything in ``config`` that changes a number, but the protocol."""
+    data = json.loads(config_fingerprint(config))
+    data["stream"].pop("protocol")
+    return data
+
+
 def train_and_evaluate(configs: dict[str, RunConfig], train: bool = True) -> dict:
     """Train the strategy of the first config once on its stream and evaluate every config's stream
     (one per protocol) before training and after each task.
@@ -58,9 +65,12 @@ def train_and_evaluate(configs: dict[str, RunConfig], train: bool = True) -> dic
     nothing to train; its numbers are the same either way). Returns ``rows`` (per protocol: the
     zero-shot row, the rows after each task and the held-out accuracies of both), ``metrics`` (per
     protocol, :func:`stream_metrics`), per task ``train_seconds``, ``train_steps``, ``losses`` (every
-    optimizer step's loss) and ``losses_first_last`` (as in results.json), and the strategy's ``strategy_report`` on the first stream.
+    optimizer step's loss) and ``losses_first_last`` (as in results.json), and the strategy's
+    ``strategy_report`` on the first stream. Runs on the CPU, as the benchmarks using it do.
     """
     first = next(iter(configs.values()))
+    if any(_without_protocol(config) != _without_protocol(first) for config in configs.values()):
+        raise ValueError("train_and_evaluate's configs may differ only in stream.protocol")
     seed = first.seed
     seed_everything(seed)
     backend = build_backend(first.model)
