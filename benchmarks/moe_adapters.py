@@ -18,26 +18,17 @@ Each finished (method, seed) is saved under ``runs/moe_adapters/<method>/seed<k>
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from seeded import cell, choices, mean_and_std, write_summary
+from train_once import cached_record, config_digests, train_and_evaluate
 
-from clipcl.checkpoint import atomic_write_json
 from clipcl.config import RunConfig, from_dict
-from clipcl.data.streams import build_stream
-from clipcl.engine.runtime import Runtime
-from clipcl.engine.tasks import standalone_context, train_one_task
-from clipcl.eval import metrics as metrics_module
-from clipcl.eval.cache import FeatureCache, default_cache_dir
-from clipcl.eval.evaluator import evaluate_row
-from clipcl.models import build_backend
-from clipcl.run import seed_everything, task_seed
-from clipcl.strategies import build_strategy
 
 # name: (strategy section, learning rate). Fine-tuning and ZSCL use the rate of the other starter
 # benchmarks. MoE-Adapters' rate was chosen before this benchmark ran, by the training loss on
@@ -74,46 +65,10 @@ def run_config(method: str, seed: int, protocol: str, args: argparse.Namespace) 
     })
 
 
-def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
-    configs = {protocol: run_config(method, seed, protocol, args) for protocol in PROTOCOLS}
-    seed_everything(seed)
-    backend = build_backend(configs["multi_domain"].model)
-    streams = {protocol: build_stream(config.stream, seed) for protocol, config in configs.items()}
-    fingerprints = {protocol: [task.train.fingerprint() for task in stream.tasks] for protocol, stream in streams.items()}
-    assert fingerprints["multi_domain"] == fingerprints["xtail"], "the two protocols must train on the same data"
-    strategy = build_strategy(backend, configs["multi_domain"].strategy)
-    runtime = Runtime(torch.device("cpu"))
-    cache = FeatureCache(default_cache_dir())
-    # The strategy's sources built and the runtime and cache attached, as a run does.
-    context = standalone_context(configs["multi_domain"], strategy, streams["multi_domain"], runtime, cache)
-    strategy.eval()
-    rows = {protocol: {"zero_shot": None, "rows": [], "heldout_zero_shot": None, "heldout": []} for protocol in PROTOCOLS}
-    for protocol, stream in streams.items():
-        row, heldout, _ = evaluate_row(strategy, stream, -1, runtime, 128, cache, show_progress=False)
-        rows[protocol].update(zero_shot=row, heldout_zero_shot=heldout)
-    train_seconds = []
-    trains = METHODS[method][0]["name"] != "zero_shot"
-    for task in streams["multi_domain"].tasks:
-        if trains:
-            seed_everything(task_seed(seed, task.index))
-            strategy.before_task(task)
-            stats = train_one_task(context, task)
-            strategy.after_task(task)
-            train_seconds.append(stats.seconds)
-        for protocol, stream in streams.items():
-            row, heldout, _ = evaluate_row(strategy, stream, task.index, runtime, 128, cache, show_progress=False)
-            rows[protocol]["rows"].append(row)
-            rows[protocol]["heldout"].append(heldout)
-    metrics = {}
-    for protocol, stream in streams.items():
-        sizes = [len(task.test) for task in stream.tasks]
-        values = metrics_module.all_metrics(rows[protocol]["rows"], sizes)
-        values["heldout_zero_shot"] = float(np.mean(rows[protocol]["heldout_zero_shot"]))
-        values["heldout_last"] = float(np.mean(rows[protocol]["heldout"][-1]))
-        metrics[protocol] = values
-    report = strategy.final_report(streams["multi_domain"], runtime)
-    return {"method": method, "seed": seed, "metrics": metrics, "rows": rows, "train_seconds": train_seconds,
-            "strategy_report": report}
+def run_one(method: str, seed: int, configs: dict[str, RunConfig]) -> dict:
+    """Train ``method`` once on the stream and evaluate it under both protocols after every task."""
+    record = train_and_evaluate(configs, train=METHODS[method][0]["name"] != "zero_shot")
+    return {"method": method, "seed": seed, **record}
 
 
 def summarise(records: list[dict]) -> dict:
@@ -180,15 +135,9 @@ def main() -> None:
     started = time.perf_counter()
     for seed in seeds:
         for method in methods:
-            path = Path(args.output_dir) / method / f"seed{seed}.json"
-            if path.exists():
-                record = json.loads(path.read_text())
-            else:
-                run_started = time.perf_counter()
-                record = run_one(method, seed, args)
-                record["seconds"] = time.perf_counter() - run_started
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(path, record)
+            configs = {protocol: run_config(method, seed, protocol, args) for protocol in PROTOCOLS}
+            record = cached_record(Path(args.output_dir) / method / f"seed{seed}.json",
+                                   partial(run_one, method, seed, configs), config_digests(configs))
             records.append(record)
             md, xt = record["metrics"]["multi_domain"], record["metrics"]["xtail"]
             print(f"{method:<12} seed {seed}: MTIL Transfer {md['transfer']:5.1f} Avg {md['avg']:5.1f} Last {md['last']:5.1f}"
@@ -198,7 +147,7 @@ def main() -> None:
             write_summary(args.results, {
                 "benchmark": "moe_adapters", "arguments": vars(args),
                 "methods": {name: {"strategy": METHODS[name][0], "lr": METHODS[name][1]} for name in methods},
-                "summary": summary, "runs": [{key: value for key, value in r.items() if key != "rows"} for r in records],
+                "summary": summary, "runs": [{key: value for key, value in r.items() if key not in ("rows", "losses")} for r in records],
                 "elapsed_seconds": time.perf_counter() - started,
                 "machine": {"cpus": torch.get_num_threads(), "machine": platform.machine(), "torch": torch.__version__},
             }, markdown(summary))
