@@ -17,7 +17,7 @@ and strategy hooks).
     python benchmarks/coleclip.py                                   # 3 seeds, all methods
     python benchmarks/coleclip.py --seeds 0 --methods zero_shot,finetune
 
-Each finished (method, seed) is saved under ``runs/coleclip/<method>/seed<k>.json`` (written
+Each finished (method, seed) is saved under ``docs/results/coleclip_records/<method>/seed<k>.json`` (written
 atomically) and read back, not repeated, when the same command runs again. The summary (mean and
 standard deviation over seeds, per protocol) is written as JSON and Markdown after every (method,
 seed), so a partial benchmark is readable; its "run s" is the time of one (method, seed): one
@@ -128,7 +128,8 @@ def main() -> None:
     parser.add_argument("--test-samples", type=int, default=200, help="at most this many test images per task")
     parser.add_argument("--heldout-samples", type=int, default=None, help="at most this many unseen-domain images")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output-dir", default="runs/coleclip")
+    parser.add_argument("--output-dir", default="docs/results/coleclip_records",
+                        help="one JSON record per (method, seed), kept in the repository so a later session resumes")
     parser.add_argument("--results", default="docs/results/coleclip.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
