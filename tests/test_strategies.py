@@ -38,9 +38,10 @@ CASES = [
 ]
 
 
-# Strategies that train on image-caption streams only (stream.protocol: captions), which the matrix's
-# labelled tasks cannot run; tests/test_modx.py covers their mechanics and their one-line refusal.
-CAPTION_ONLY = {"mod_x"}
+# Strategies that train on image-caption streams only (stream.protocol: captions or languages), which
+# the matrix's labelled tasks cannot run; tests/test_modx.py and tests/test_languages.py cover their
+# mechanics and their one-line refusal.
+CAPTION_ONLY = {"mod_x", "cll_clip"}
 
 
 def test_every_strategy_is_in_the_matrix():

@@ -19,7 +19,7 @@ BACKENDS = ("starter", "open_clip", "hf")
 """Valid values of ``model.backend``."""
 LR_SCHEDULES = ("cosine", "constant", "step")
 PROTOCOLS = ("class_incremental", "multi_domain", "xtail", "open_domain_til", "open_domain_cil", "si_blurry",
-             "captions")
+             "captions", "languages")
 """Valid values of ``stream.protocol``."""
 PRECISIONS = ("fp32", "bf16", "fp16")
 """Valid values of ``train.precision``."""
@@ -107,7 +107,8 @@ class StreamConfig:
     ``open_domain_til`` / ``open_domain_cil`` (CoLeCLIP's open-domain TIL and CIL: shared class names are
     one class with pooled templates; CIL: no task id, seen tasks among the union of the seen classes,
     unseen ones among their own; see clipcl.data.open_domain) or ``si_blurry`` (one online stream with stochastic blurry task boundaries; see clipcl.engine.online) or
-    ``captions`` (phases of image-caption pairs trained contrastively; see clipcl.data.caption_stream)."""
+    ``captions`` (phases of image-caption pairs trained contrastively; see clipcl.data.caption_stream) or
+    ``languages`` (one caption set, one language per task, CLL-CLIP's; see clipcl.data.languages)."""
     datasets: list[str] = field(default_factory=lambda: ["fashion_mnist", "mnist_5k", "digits"])
     """Datasets in training order (class_incremental uses the first one), or an order name
     such as ``mtil_order_1``. captions: caption sets (``tuxpaint``, ``openclipart``, a caption file, a
@@ -135,6 +136,12 @@ class StreamConfig:
     """si_blurry: N, the share of classes that are disjoint (all their samples in one hidden task)."""
     blurry_sample_ratio: float = 0.1
     """si_blurry: M, the share of the blurry classes' samples that arrive in other hidden tasks."""
+    languages: list[str] | None = None
+    """languages: the order of the languages (codes as the set writes them, e.g. ``en``, ``de``,
+    ``pt_BR``); None: English, then CLL-CLIP's order among those captioning ``min_translation_share``."""
+    min_translation_share: float = 0.9
+    """languages, without ``languages``: a language joins when it captions at least this share of the
+    rows English does."""
     official_template_owners: bool = False
     """Open-domain protocols: prompt ``forest`` and ``river`` with EuroSAT's templates alone when EuroSAT
     is in the stream, as CoLeCLIP's code does (``engine/trainer.py:246-256``); default: they pool the
@@ -152,7 +159,9 @@ class StreamConfig:
         check_integer("stream.class_order_seed", self.class_order_seed, 0, optional=True)
         for name in ("train_samples_per_task", "test_samples_per_task", "heldout_samples"):
             check_integer(f"stream.{name}", getattr(self, name), 1, optional=True)
-        for name in ("disjoint_class_ratio", "blurry_sample_ratio"):
+        if self.languages is not None and (isinstance(self.languages, str) or not self.languages):
+            raise ConfigError("stream.languages must be a non-empty list of language codes (or null)")
+        for name in ("disjoint_class_ratio", "blurry_sample_ratio", "min_translation_share"):
             check_number(f"stream.{name}", getattr(self, name), 0.0, 1.0)
 
 
@@ -345,11 +354,12 @@ class RunConfig:
         strategy_config(self.strategy)
         # A method trains on labelled batches, caption batches or both (Strategy.batch_kinds): say so
         # now, not at the first training step.
-        kind = "captions" if self.stream.protocol == "captions" else "labels"
+        kind = "captions" if self.stream.protocol in ("captions", "languages") else "labels"
         name = self.strategy.get("name")
         if kind not in STRATEGIES[name].batch_kinds:
             able = ", ".join(key for key, cls in STRATEGIES.items() if kind in cls.batch_kinds)
-            stream = "stream.protocol=captions (image-caption pairs)" if kind == "captions" else "a labelled stream"
+            stream = (f"stream.protocol={self.stream.protocol} (image-caption pairs)" if kind == "captions"
+                      else "a labelled stream")
             raise ConfigError(f"strategy.name: {name!r} cannot train on {stream}; methods that can: {able}")
         if self.stream.protocol == "si_blurry":
             name = self.strategy.get("name")

@@ -187,7 +187,8 @@ def collate_plan(items: list[tuple[torch.Tensor, int, int, int, int]]) -> dict:
 
 class CaptionStreamImages(Dataset):
     """The training pairs of a caption stream's phases through the training transform: an item is
-    (pixels, caption, image id, experience), its augmentation seeded as :class:`StreamImages` does."""
+    (pixels, caption, image id, experience, English source caption or None), its augmentation seeded
+    as :class:`StreamImages` does. The English source is a language stream's (``pairs.english``)."""
 
     def __init__(self, datasets: dict[int, object], transform: Callable) -> None:
         self.datasets, self.transform = datasets, transform
@@ -195,19 +196,25 @@ class CaptionStreamImages(Dataset):
     def __len__(self) -> int:
         return sum(len(dataset) for dataset in self.datasets.values())
 
-    def __getitem__(self, item: Item) -> tuple[torch.Tensor, str, int, int]:
+    def __getitem__(self, item: Item) -> tuple[torch.Tensor, str, int, int, str | None]:
         experience, row, seed, draw, _ = item
         pairs = self.datasets[experience]
         image, caption = pairs[row]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(draw_seed(seed, draw))
             pixels = self.transform(image)
-        return pixels, caption, int(pairs.image_ids[row]), experience
+        english = getattr(pairs, "english", None)
+        return pixels, caption, int(pairs.image_ids[row]), experience, None if english is None else english[row]
 
 
-def collate_captions(items: list[tuple[torch.Tensor, str, int, int]]) -> dict:
+def collate_captions(items: list[tuple]) -> dict:
     """A caption micro-batch dict: ``images``, ``captions`` and ``image_ids`` (rows of one image share
-    an id, so a contrastive loss can count every caption of an image as a positive)."""
-    return {"images": torch.stack([pixels for pixels, *_ in items]),
-            "captions": [caption for _, caption, *_ in items],
-            "image_ids": torch.tensor([image_id for _, _, image_id, _ in items], dtype=torch.long)}
+    an id, so a contrastive loss can count every caption of an image as a positive); a language
+    stream's batch also has ``english_captions``, each caption's English source."""
+    batch = {"images": torch.stack([item[0] for item in items]),
+             "captions": [item[1] for item in items],
+             "image_ids": torch.tensor([item[2] for item in items], dtype=torch.long)}
+    english = [item[4] if len(item) > 4 else None for item in items]
+    if any(source is not None for source in english):
+        batch["english_captions"] = english
+    return batch

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from clipcl.checkpoint import atomic_save_safetensors, read_verified
+from clipcl.data.caption_stream import CAPTION_PROTOCOLS
 from clipcl.eval.evaluator import evaluate_row
 from clipcl.eval.retrieval import CaptionedImages, from_caption_dataset, retrieval_with_features
 
@@ -30,6 +31,17 @@ method measures the same images."""
 def mean_recall_at_1(recalls: dict[str, float]) -> float:
     """The caption streams' matrix entry: the mean of image->text and text->image R@1 (in %)."""
     return 0.5 * (recalls["image_to_text_R@1"] + recalls["text_to_image_R@1"])
+
+
+def recall_mean(recalls: dict[str, float]) -> float:
+    """The language streams' matrix entry, CLL-CLIP's ``r_mean``: the mean of R@1, R@5 and R@10 both
+    ways (official clfm/evaluation/RetrievalEvaluator.py:84-86), in %."""
+    return sum(recalls[f"{way}_R@{k}"] for way in ("image_to_text", "text_to_image") for k in (1, 5, 10)) / 6
+
+
+def matrix_entry(protocol: str, recalls: dict[str, float]) -> float:
+    """What a caption-like stream's matrix holds: r_mean for languages, mean R@1 for captions."""
+    return recall_mean(recalls) if protocol == "languages" else mean_recall_at_1(recalls)
 
 
 def _gathered(features: torch.Tensor, size: int, runtime) -> torch.Tensor:
@@ -167,14 +179,16 @@ def evaluate_state(context, after_task: int, batch_size: int, workers: int = 0) 
     started = time.perf_counter()
     sets: dict[str, dict[str, torch.Tensor]] = {}
     retrieval: dict[str, dict[str, float]] = {}
-    if getattr(stream, "protocol", None) == "captions":
+    if getattr(stream, "protocol", None) in CAPTION_PROTOCOLS:
         memo = context.captioned
+        # A language stream's tasks show the same images: each is encoded once per model state.
+        image_memo = {} if stream.protocol == "languages" else None
         row, heldout = [], []
         for key, pairs, scores in ([(f"task/{task.name}", task.test, row) for task in stream.tasks]
                                    + [(f"held-out/{held.name}", held.test, heldout) for held in stream.heldout]):
             captioned = _captioned(pairs, key, memo)
-            recalls, images, texts = retrieval_with_features(strategy, captioned, batch_size)
-            scores.append(mean_recall_at_1(recalls))
+            recalls, images, texts = retrieval_with_features(strategy, captioned, batch_size, image_memo=image_memo)
+            scores.append(matrix_entry(stream.protocol, recalls))
             retrieval[key] = recalls
             if measure_alignment:
                 sets[key] = captioned_set(captioned, images, texts, limit)

@@ -144,7 +144,8 @@ def _worker(rank: int, config: RunConfig, kwargs: dict[str, Any], user_errors) -
 def _run(config: RunConfig, runtime: Runtime, *, restart: bool, resume_from_intact: bool,
          previous: dict[str, Any] | None, show_progress: bool, stop_after_task: int | None,
          stop_after_samples: int | None) -> dict[str, Any]:
-    from clipcl.data.caption_stream import CAPTION_PROTOCOL, build_caption_stream
+    from clipcl.data.caption_stream import CAPTION_PROTOCOL, CAPTION_PROTOCOLS, build_caption_stream
+    from clipcl.data.languages import LANGUAGE_PROTOCOL, build_language_stream
     from clipcl.data.online_stream import ONLINE_PROTOCOL, build_online_stream
     from clipcl.data.registry import check_dataset_names
     from clipcl.data.streams import build_stream
@@ -158,7 +159,7 @@ def _run(config: RunConfig, runtime: Runtime, *, restart: bool, resume_from_inta
 
     directory = RunDirectory(config.output_dir)
     online = config.stream.protocol == ONLINE_PROTOCOL
-    captions = config.stream.protocol == CAPTION_PROTOCOL
+    captions = config.stream.protocol in CAPTION_PROTOCOLS
     # Build and check everything (model, data, the method's sources) before the folder is touched:
     # a run that cannot start leaves an earlier run's results as they were. Dataset names first:
     # a typo should not wait for the model to load.
@@ -170,7 +171,9 @@ def _run(config: RunConfig, runtime: Runtime, *, restart: bool, resume_from_inta
     backend = build_backend(config.model).to(runtime.device)
     if online:
         stream = build_online_stream(config.stream, config.seed)
-    elif captions:
+    elif config.stream.protocol == LANGUAGE_PROTOCOL:
+        stream = build_language_stream(config.stream, config.seed)
+    elif config.stream.protocol == CAPTION_PROTOCOL:
         stream = build_caption_stream(config.stream, config.seed)
     else:
         stream = build_stream(config.stream, config.seed)

@@ -26,6 +26,7 @@ from clipcl.checkpoint import (
     save_checkpoint,
 )
 from clipcl.config import to_dict
+from clipcl.data.caption_stream import CAPTION_PROTOCOLS
 from clipcl.data.streams import OPEN_DOMAIN_PROTOCOLS
 from clipcl.engine.batches import (
     CaptionStreamImages,
@@ -100,7 +101,7 @@ def stream_images(context: RunContext) -> StreamImages | CaptionStreamImages:
     trainer each replayed sample's class."""
     stream = context.stream
     transform = context.strategy.backend.train_preprocess
-    if stream.protocol == "captions":
+    if stream.protocol in CAPTION_PROTOCOLS:
         return CaptionStreamImages({task.index: task.train for task in stream.tasks}, transform)
     context.trainer.class_of = lambda experience, label: stream.tasks[experience].classes[
         stream.tasks[experience].target_of_label[label]]
@@ -241,12 +242,13 @@ def build_results(context: RunContext, progress: dict[str, Any]) -> dict[str, An
     """The results.json content: matrix with labels, metrics, timings, parameter counts, versions."""
     config, stream = context.config, context.stream
     task_names = [task.name for task in stream.tasks]
-    captions = stream.protocol == "captions"
+    captions = stream.protocol in CAPTION_PROTOCOLS
     # A caption phase's size is its number of test images (its rows are captions).
     task_sizes = [task.test.num_images if captions else len(task.test) for task in stream.tasks]
     matrix = progress["rows"]
     metrics = metrics_module.all_metrics(matrix, task_sizes, class_incremental=stream.protocol == "class_incremental",
-                                         open_domain=stream.protocol in OPEN_DOMAIN_PROTOCOLS)
+                                         open_domain=stream.protocol in OPEN_DOMAIN_PROTOCOLS,
+                                         languages=stream.protocol == "languages")
     heldout_names = [held.name for held in stream.heldout]
     zero_shot_heldout = progress["zero_shot_heldout"]  # None with eval.zero_shot_row=false
     if heldout_names:
@@ -289,7 +291,8 @@ def build_results(context: RunContext, progress: dict[str, Any]) -> dict[str, An
             "zero_shot_row": progress["zero_shot_row"],
             "unit": "percent",
             # Caption streams: retrieval on each phase's test pairs, not classification.
-            "measure": "mean R@1 (image->text, text->image)" if captions else "top-1 accuracy",
+            "measure": ("r_mean (R@1, R@5, R@10 both ways)" if stream.protocol == "languages" else
+                        "mean R@1 (image->text, text->image)" if captions else "top-1 accuracy"),
         },
         "heldout": {
             "datasets": heldout_names,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from clipcl.config import ConfigError, TrainConfig
+from clipcl.engine.optimizers import RowScaledAdamW
 from clipcl.engine.runtime import Runtime
 from clipcl.errors import UserError
 
@@ -95,8 +96,13 @@ class Trainer:
         self.runtime.start_task()
         # Never the fused kernel (torch may pick it by default some day): it does not bump the
         # weights' version counters, which the evaluation caches' digest memo relies on (hash_module).
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay,
-                                           fused=False)
+        groups_of = getattr(self.strategy, "parameter_groups", None)  # a Strategy hook; test doubles lack it
+        groups = groups_of(self.parameters, config.weight_decay) if groups_of is not None else None
+        if groups is None:
+            self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay,
+                                               fused=False)
+        else:
+            self.optimizer = RowScaledAdamW(groups, lr=config.lr, fused=False)
         total = max(total_steps, 1)
         step_size = None
         if schedule == "step":
@@ -115,13 +121,16 @@ class Trainer:
     def device_batch(self, batch: dict, experience) -> dict:
         """Move a loaded micro-batch to the device and give it targets in the experience's label space.
 
-        A caption batch (``captions``, ``image_ids``) is moved as it is. Replayed samples keep their dataset labels and get their classes (``replay["classes"]``):
+        A caption batch (``captions``, ``image_ids``, a language stream's ``english_captions``) is moved as it is. Replayed samples keep their dataset labels and get their classes (``replay["classes"]``):
         they may come from earlier experiences whose classes the current label space lacks.
         """
         device = self.runtime.device
         if "captions" in batch:  # an image-caption phase: no labels, every caption of an image a positive
-            return {"images": batch["images"].to(device, non_blocking=True), "captions": batch["captions"],
-                    "image_ids": batch["image_ids"].to(device, non_blocking=True)}
+            moved = {"images": batch["images"].to(device, non_blocking=True), "captions": batch["captions"],
+                     "image_ids": batch["image_ids"].to(device, non_blocking=True)}
+            if "english_captions" in batch:  # a language stream: each caption's English source
+                moved["english_captions"] = batch["english_captions"]
+            return moved
         target_of_label = experience.target_of_label
         moved = {"images": batch["images"].to(device, non_blocking=True), "labels": batch["labels"], "indices": batch["indices"],
                  "targets": torch.tensor([target_of_label[int(label)] for label in batch["labels"]],

@@ -70,6 +70,16 @@ def forgetting(matrix) -> float:
     return float(np.mean([array[d:size - 1, d].max() - array[-1, d] for d in range(size - 1)]))
 
 
+def english_forgetting(matrix, english: int = 0) -> float:
+    """CLL-CLIP's Fen: the best score on the English column (``english``) of any model before the last,
+    minus the last model's (official projects/cll_clip/scripts/gather.py:178-180: the maximum over every
+    earlier row, not the first value). NaN with one row."""
+    array = as_matrix(matrix)
+    if array.shape[0] < 2:
+        return float("nan")
+    return float(array[:-1, english].max() - array[-1, english])
+
+
 def average_incremental_accuracy(matrix, task_sizes: Sequence[int] | None = None) -> float:
     """Class-incremental average incremental accuracy (Rebuffi et al. 2017): after each task t, the
     accuracy over the test images of all tasks seen so far, averaged over t.
@@ -157,9 +167,10 @@ def retrieval_change(before: dict[str, dict[str, float]], after: dict[str, dict[
 
 
 def all_metrics(matrix, task_sizes: Sequence[int] | None = None, class_incremental: bool = False,
-                open_domain: bool = False) -> dict[str, float]:
+                open_domain: bool = False, languages: bool = False) -> dict[str, float]:
     """Every matrix metric in one dict (keys: transfer, avg, last, bwt, forgetting[, avg_incremental]
-    [, seen_avg with ``open_domain``])."""
+    [, seen_avg with ``open_domain``][, CLL-CLIP's aa, f, fen with ``languages``: AA is Last, F is
+    forgetting (gather.py:163-176 read the same entries), Fen :func:`english_forgetting`, English the first task])."""
     metrics = {
         "transfer": transfer(matrix),
         "avg": average(matrix),
@@ -171,6 +182,8 @@ def all_metrics(matrix, task_sizes: Sequence[int] | None = None, class_increment
         metrics["avg_incremental"] = average_incremental_accuracy(matrix, task_sizes)
     if open_domain:
         metrics["seen_avg"] = seen_average(matrix)
+    if languages:
+        metrics.update(aa=metrics["last"], f=metrics["forgetting"], fen=english_forgetting(matrix))
     return metrics
 
 

@@ -36,6 +36,11 @@ class CaptionedImages:
     captions: list[str]
     caption_image: list[int]
     name: str = "captions"
+    language: str | None = None
+    """The captions' language, when known (a language stream's task): it picks their tokenization."""
+    image_keys: list[str] | None = None
+    """A stable name per image (its set and key), for reusing image features across sets that show
+    the same images (a language stream's tasks); None: never reused."""
 
 
 def from_caption_dataset(dataset, name: str = "captions") -> CaptionedImages:
@@ -46,7 +51,13 @@ def from_caption_dataset(dataset, name: str = "captions") -> CaptionedImages:
     order = sorted(first_row)
     position = {image_id: index for index, image_id in enumerate(order)}
     images = [dataset[first_row[image_id]][0] for image_id in order]
-    return CaptionedImages(images, list(dataset.captions), [position[i] for i in dataset.image_ids], name)
+    root = dataset
+    while getattr(root, "base", None) is not None:
+        root = root.base
+    keys = getattr(dataset, "image_keys", None)
+    image_keys = None if keys is None else [f"{root.name}|{keys[image_id]}" for image_id in order]
+    return CaptionedImages(images, list(dataset.captions), [position[i] for i in dataset.image_ids], name,
+                           getattr(dataset, "language", None), image_keys)
 
 
 def templated_captions(dataset: ClassificationDataset, images: int, templates: Sequence[str] | None = None,
@@ -96,18 +107,34 @@ def evaluate_retrieval(strategy, captioned: CaptionedImages, batch_size: int = 1
 
 @torch.no_grad()
 def retrieval_with_features(strategy, captioned: CaptionedImages, batch_size: int = 128,
-                            ks: Sequence[int] = RECALL_KS) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """R@K both ways, and the normalised image and caption features it was computed from."""
+                            ks: Sequence[int] = RECALL_KS, image_memo: dict | None = None
+                            ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """R@K both ways, and the normalised image and caption features it was computed from.
+
+    ``image_memo`` (a dict kept by the caller for one model state) holds image features by the
+    strategy's image cache key and the image's key, so sets showing the same images (one per
+    language) encode each image once (a reused feature was computed in another batch, so it may
+    differ from a recomputed one in the last bits of float32)."""
     strategy.eval()
     backend = strategy.backend
     device = backend.device
-    image_features = []
-    for start in range(0, len(captioned.images), batch_size):
-        pixels = torch.stack([backend.preprocess(image) for image in captioned.images[start: start + batch_size]])
-        image_features.append(strategy.encode_images(pixels.to(device), None).float())
+    cache_key = strategy.image_cache_key(None) if image_memo is not None and captioned.image_keys else None
+    if cache_key is not None:
+        missing = [position for position, key in enumerate(captioned.image_keys) if (cache_key, key) not in image_memo]
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start: start + batch_size]
+            pixels = torch.stack([backend.preprocess(captioned.images[position]) for position in chunk])
+            for position, feature in zip(chunk, strategy.encode_images(pixels.to(device), None).float()):
+                image_memo[(cache_key, captioned.image_keys[position])] = feature
+        image_features = [torch.stack([image_memo[(cache_key, key)] for key in captioned.image_keys])]
+    else:
+        image_features = []
+        for start in range(0, len(captioned.images), batch_size):
+            pixels = torch.stack([backend.preprocess(image) for image in captioned.images[start: start + batch_size]])
+            image_features.append(strategy.encode_images(pixels.to(device), None).float())
     text_features = []
     for start in range(0, len(captioned.captions), batch_size):
-        encoded = backend.encode_texts(captioned.captions[start: start + batch_size]).float()
+        encoded = strategy.encode_captions(captioned.captions[start: start + batch_size], captioned.language).float()
         text_features.append(torch.nn.functional.normalize(encoded, dim=-1))
     images, texts = torch.cat(image_features), torch.cat(text_features)
     return recall_at_k(images @ texts.t(), captioned.caption_image, ks), images, texts

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from clipcl.strategies.base import Strategy, StrategyConfig
+from clipcl.strategies.cll_clip import CLLCLIP
 from clipcl.strategies.coleclip import CoLeCLIP
 from clipcl.strategies.er import ExperienceReplay
 from clipcl.strategies.finetune import Finetune
@@ -40,6 +41,7 @@ METHODS: dict[str, type[Strategy]] = {
     "moe_adapters": MoEAdapters,
     "mod_x": ModX,
     "coleclip": CoLeCLIP,
+    "cll_clip": CLLCLIP,
 }
 """The strategies that are classes, by name."""
 

@@ -196,6 +196,16 @@ class Strategy(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [parameter for parameter in self.parameters() if parameter.requires_grad]
 
+    def parameter_groups(self, parameters: list[nn.Parameter], weight_decay: float) -> list[dict] | None:
+        """AdamW parameter groups for an experience's ``parameters`` (the trainer builds the optimizer:
+        :class:`clipcl.engine.optimizers.RowScaledAdamW`, whose groups may scale rows); None: one
+        group with ``train.weight_decay``."""
+
+    def encode_captions(self, captions: list[str], language: str | None = None) -> torch.Tensor:
+        """Unnormalised text features of captions in ``language`` (None: unknown) for retrieval; methods
+        that tokenize some languages their own way (CLL-CLIP) override it."""
+        return self.backend.encode_texts(captions)
+
     # --- evaluation ---------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor, task_index: int | None) -> torch.Tensor:
         """Normalised image features. ``task_index`` is None when the protocol gives no task id."""
