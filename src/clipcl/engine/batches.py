@@ -190,8 +190,10 @@ class CaptionStreamImages(Dataset):
     (pixels, caption, image id, experience, English source caption or None), its augmentation seeded
     as :class:`StreamImages` does. The English source is a language stream's (``pairs.english``)."""
 
-    def __init__(self, datasets: dict[int, object], transform: Callable) -> None:
-        self.datasets, self.transform = datasets, transform
+    def __init__(self, datasets: dict[int, object], transform: Callable, load_pixels: bool = True) -> None:
+        self.datasets, self.transform, self.load_pixels = datasets, transform, load_pixels
+        """``load_pixels`` False: items carry an empty pixel tensor and no image is read (a method that
+        trains on precomputed image features, CLL-CLIP)."""
 
     def __len__(self) -> int:
         return sum(len(dataset) for dataset in self.datasets.values())
@@ -199,12 +201,15 @@ class CaptionStreamImages(Dataset):
     def __getitem__(self, item: Item) -> tuple[torch.Tensor, str, int, int, str | None]:
         experience, row, seed, draw, _ = item
         pairs = self.datasets[experience]
+        english = getattr(pairs, "english", None)
+        english = None if english is None else english[row]
+        if not self.load_pixels:
+            return torch.empty(0), pairs.captions[row], int(pairs.image_ids[row]), experience, english
         image, caption = pairs[row]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(draw_seed(seed, draw))
             pixels = self.transform(image)
-        english = getattr(pairs, "english", None)
-        return pixels, caption, int(pairs.image_ids[row]), experience, None if english is None else english[row]
+        return pixels, caption, int(pairs.image_ids[row]), experience, english
 
 
 def collate_captions(items: list[tuple]) -> dict:

@@ -128,6 +128,9 @@ class RunContext:
     """An online stream's alignment measures at its latest measured point (before or after the stream)."""
     captioned: dict[str, Any] = field(default_factory=dict)
     """A caption stream's test sets grouped by image for retrieval, built at their first evaluation."""
+    language_image_features: dict[Any, Any] = field(default_factory=dict)
+    """A language stream's test image features by (the strategy's image cache key, image key): every
+    language shows the same images, and a frozen image tower gives the same key at every row."""
 
 
 def data_fingerprints(stream, sources: dict[str, Any], retrieval_sets: list[Any]) -> dict[str, str]:

@@ -181,8 +181,8 @@ def evaluate_state(context, after_task: int, batch_size: int, workers: int = 0) 
     retrieval: dict[str, dict[str, float]] = {}
     if getattr(stream, "protocol", None) in CAPTION_PROTOCOLS:
         memo = context.captioned
-        # A language stream's tasks show the same images: each is encoded once per model state.
-        image_memo = {} if stream.protocol == "languages" else None
+        # A language stream's tasks show the same images: each is encoded once per image tower state.
+        image_memo = context.language_image_features if stream.protocol == "languages" else None
         row, heldout = [], []
         for key, pairs, scores in ([(f"task/{task.name}", task.test, row) for task in stream.tasks]
                                    + [(f"held-out/{held.name}", held.test, heldout) for held in stream.heldout]):

@@ -102,7 +102,8 @@ def stream_images(context: RunContext) -> StreamImages | CaptionStreamImages:
     stream = context.stream
     transform = context.strategy.backend.train_preprocess
     if stream.protocol in CAPTION_PROTOCOLS:
-        return CaptionStreamImages({task.index: task.train for task in stream.tasks}, transform)
+        return CaptionStreamImages({task.index: task.train for task in stream.tasks}, transform,
+                                   load_pixels=context.strategy.uses_training_images)
     context.trainer.class_of = lambda experience, label: stream.tasks[experience].classes[
         stream.tasks[experience].target_of_label[label]]
     return StreamImages({task.index: task.train for task in stream.tasks}, transform)

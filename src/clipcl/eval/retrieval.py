@@ -111,10 +111,11 @@ def retrieval_with_features(strategy, captioned: CaptionedImages, batch_size: in
                             ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
     """R@K both ways, and the normalised image and caption features it was computed from.
 
-    ``image_memo`` (a dict kept by the caller for one model state) holds image features by the
-    strategy's image cache key and the image's key, so sets showing the same images (one per
-    language) encode each image once (a reused feature was computed in another batch, so it may
-    differ from a recomputed one in the last bits of float32)."""
+    ``image_memo`` (a dict the caller keeps) holds image features by the strategy's image cache key
+    (which digests the image tower's weights, so a changed tower misses) and the image's key: sets
+    showing the same images (one per language) encode each image once. A reused feature was computed
+    in another batch, so it may differ from a recomputed one in the last bits of float32.
+    """
     strategy.eval()
     backend = strategy.backend
     device = backend.device

@@ -142,6 +142,9 @@ class Strategy(nn.Module):
     #: Whether the evaluator scores each class with the best of several image views
     #: (:meth:`encode_image_views`, :meth:`class_views`) instead of one feature per image.
     scores_image_views: bool = False
+    #: Whether :meth:`forward` reads a caption batch's ``images``; False (a method that trains on
+    #: precomputed image features) lets the loader skip reading and transforming them.
+    uses_training_images: bool = True
 
     def __init__(self, backend: Backend, config: StrategyConfig) -> None:
         super().__init__()

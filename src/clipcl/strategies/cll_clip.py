@@ -85,6 +85,7 @@ class CLLCLIPConfig(StrategyConfig):
 class CLLCLIP(Strategy):
     Config = CLLCLIPConfig
     batch_kinds = ("captions",)
+    uses_training_images = False  # the teacher's image features are computed once per image
 
     def __init__(self, backend, config: CLLCLIPConfig) -> None:
         super().__init__(backend, config)

@@ -1,0 +1,115 @@
+"""Show that adding language streams and CLL-CLIP (issue 16) changed no number of the existing paths.
+
+The change touched the trainer (a method may give AdamW parameter groups), caption batches (an item
+may carry an English source), retrieval (a strategy encodes the captions; a language stream reuses
+image features) and the caption protocols' checks. This runs, on the tree it is imported from, tiny
+open_clip runs of image-caption streams (fine-tuning, Mod-X, LwF and ZSCL on CSV caption files it
+writes, with a held-out caption set) and a multi-domain fine-tuning run with a retrieval set, and
+saves every matrix, held-out row, retrieval row, loss and metric. Run it on two trees and compare::
+
+    PYTHONPATH=/path/to/old/src python benchmarks/languages_unchanged.py --out /tmp/old.json
+    PYTHONPATH=src python benchmarks/languages_unchanged.py --out /tmp/new.json
+    python benchmarks/languages_unchanged.py --compare /tmp/old.json /tmp/new.json
+
+``--compare`` requires exact equality and lists every difference (same machine, same threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+KEPT = ("accuracy", "heldout", "retrieval", "alignment", "losses_first_last", "metrics")
+VOLATILE_METRICS = ("train_samples_per_second",)
+CAPTION_METHODS = {"finetune": {"name": "finetune"}, "mod_x": {"name": "mod_x"},
+                   "lwf": {"name": "lwf"}, "zscl": {"name": "zscl"}}
+
+
+def write_captions(folder: Path, name: str, images: int, seed: int) -> str:
+    """A CSV caption file with ``images`` small pictures, two captions each."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+    lines = ["image,caption"]
+    for index in range(images):
+        colour = colours[index % len(colours)]
+        pixels = (rng.random((24, 24, 3)) * 60 + 30 * (index % len(colours))).astype("uint8")
+        Image.fromarray(pixels).save(folder / f"{name}_{index:03d}.png")
+        lines += [f"{name}_{index:03d}.png,a {colour} picture number {index}", f"{name}_{index:03d}.png,a drawing in {colour}"]
+    path = folder / f"{name}.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def kept_numbers(results: dict) -> dict:
+    kept = {key: results[key] for key in KEPT if key in results}
+    kept["metrics"] = {key: value for key, value in kept.get("metrics", {}).items() if key not in VOLATILE_METRICS}
+    if "accuracy" in kept:
+        kept["accuracy"] = {key: value for key, value in kept["accuracy"].items() if key != "measure"}
+    return kept
+
+
+def capture(output: str) -> None:
+    from clipcl.config import RunConfig, from_dict
+    from clipcl.models.tiny import write_tiny_open_clip_config
+    from clipcl.run import run_experiment
+
+    torch.set_num_threads(1)
+    record = {}
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        model = str(write_tiny_open_clip_config(root))
+        train, old = write_captions(root / "data", "new", 36, 1), write_captions(root / "data", "old", 12, 2)
+        runs = {f"captions-{name}": ({"protocol": "captions", "datasets": [train], "num_tasks": 3, "heldout": [old]},
+                                     strategy, {}) for name, strategy in CAPTION_METHODS.items()}
+        runs["multi_domain-finetune"] = ({"protocol": "multi_domain", "datasets": ["synthetic-0", "synthetic-1"],
+                                          "test_samples_per_task": 60}, {"name": "finetune"},
+                                         {"retrieval": ["synthetic-5", old], "retrieval_images": 30})
+        for name, (stream, strategy, evaluation) in runs.items():
+            config = from_dict(RunConfig, {
+                "model": {"backend": "open_clip", "name": model}, "stream": stream, "strategy": strategy,
+                "train": {"batch_size": 8, "max_steps_per_task": 3, "lr": 1e-3},
+                "eval": {"batch_size": 16, "cache_dir": "", **evaluation},
+                "observe": {"tensorboard": False, "progress": False},
+                "seed": 0, "output_dir": str(root / name)})
+            record[name] = kept_numbers(run_experiment(config, show_progress=False))
+            print(f"{name}: captured", file=sys.stderr)
+        # Set names hold the temporary folder's path, which differs between captures.
+        text = json.dumps(record, indent=1, sort_keys=True).replace(str(root), "<data>")
+    Path(output).write_text(text)
+
+
+def differences(before, after, path: str = "") -> list[str]:
+    if isinstance(before, dict) and isinstance(after, dict):
+        found = [f"{path}/{key}: only in one" for key in sorted(set(before) ^ set(after))]
+        for key in sorted(set(before) & set(after)):
+            found += differences(before[key], after[key], f"{path}/{key}")
+        return found
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        return [line for index, (b, a) in enumerate(zip(before, after)) for line in differences(b, a, f"{path}[{index}]")]
+    same = before == after or (isinstance(before, float) and isinstance(after, float) and before != before and after != after)
+    return [] if same else [f"{path}: {before!r} != {after!r}"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out")
+    parser.add_argument("--compare", nargs=2)
+    args = parser.parse_args()
+    if args.compare:
+        before, after = (json.loads(Path(path).read_text()) for path in args.compare)
+        found = differences(before, after)
+        print("\n".join(found) if found else f"identical: {len(before)} runs, every kept number equal")
+        sys.exit(1 if found else 0)
+    capture(args.out)
+
+
+if __name__ == "__main__":
+    main()
