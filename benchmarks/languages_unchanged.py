@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -94,7 +95,8 @@ def differences(before, after, path: str = "") -> list[str]:
         return found
     if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
         return [line for index, (b, a) in enumerate(zip(before, after)) for line in differences(b, a, f"{path}[{index}]")]
-    same = before == after or (isinstance(before, float) and isinstance(after, float) and before != before and after != after)
+    same = before == after or (isinstance(before, float) and isinstance(after, float)
+                               and math.isnan(before) and math.isnan(after))
     return [] if same else [f"{path}: {before!r} != {after!r}"]
 
 

@@ -32,6 +32,7 @@ import os
 import platform
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -95,8 +96,8 @@ def summarise(records: list[dict], arguments, elapsed: float) -> tuple[dict, str
         summary[method] = entry
     languages = records[0]["languages"] if records else []
     lines = ["# Continual language learning on Tux Paint (offline starter)", "",
-             f"Languages, in order: {', '.join(languages)}. r_mean (%), mean ± std over seeds; "
-             f"command: `python benchmarks/multilingual.py` ({arguments.epochs} epochs, lr {arguments.lr}).", "",
+             (f"Languages, in order: {', '.join(languages)}. r_mean (%), mean ± std over seeds; "
+              f"command: `python benchmarks/multilingual.py` ({arguments.epochs} epochs, lr {arguments.lr})."), "",
              "| method | seeds | AA | F | Fen | " + " | ".join(languages) + " |",
              "|---|---|---|---|---|" + "---|" * len(languages)]
     for method, entry in summary.items():
@@ -104,8 +105,8 @@ def summarise(records: list[dict], arguments, elapsed: float) -> tuple[dict, str
                      f"{cell(entry['fen'])} | " + " | ".join(cell(entry["last_row"][language]) for language in languages) + " |")
     growth = next((entry["added_rows"] for entry in summary.values() if entry["added_rows"]), {})
     if growth:
-        lines += ["", "Rows each language adds to the token table (30,522 original rows): "
-                  + ", ".join(f"{language} {rows}" for language, rows in growth.items()) + "."]
+        lines += ["", ("Rows each language adds to the token table (30,522 original rows): "
+                       + ", ".join(f"{language} {rows}" for language, rows in growth.items()) + ".")]
     lines += ["", f"Machine: {machine()}, {platform.platform()}; elapsed {elapsed / 60:.1f} min; load average "
               f"{os.getloadavg()[0]:.1f}."]
     record = {"benchmark": "multilingual", "arguments": vars(arguments), "summary": summary, "runs": records,
@@ -134,7 +135,7 @@ def main() -> None:
             identity = {key: value for key, value in to_dict(run_config(arguments, method, seed, "-")).items()
                         if key not in ("output_dir", "observe")}
             record = cached_record(Path(arguments.output_dir) / method / f"seed{seed}.json",
-                                   lambda: measure(arguments, method, seed), identity)
+                                   partial(measure, arguments, method, seed), identity)
             records.append(record)
             metrics = record["metrics"]
             print(f"{method:14s} seed {seed}: AA {metrics['aa']:5.1f} F {metrics['f']:5.1f} Fen {metrics['fen']:5.1f} "
