@@ -107,8 +107,8 @@ def summarise(records: list[dict], arguments, elapsed: float) -> tuple[dict, str
     if growth:
         lines += ["", ("Rows each language adds to the token table (30,522 original rows): "
                        + ", ".join(f"{language} {rows}" for language, rows in growth.items()) + ".")]
-    lines += ["", f"Machine: {machine()}, {platform.platform()}; elapsed {elapsed / 60:.1f} min; load average "
-              f"{os.getloadavg()[0]:.1f}."]
+    lines += ["", (f"Machine: {machine()}, {platform.platform()}; elapsed {elapsed / 60:.1f} min; load average "
+                   f"{os.getloadavg()[0]:.1f}.")]
     record = {"benchmark": "multilingual", "arguments": vars(arguments), "summary": summary, "runs": records,
               "machine": machine(), "elapsed_seconds": elapsed}
     return record, "\n".join(lines) + "\n"
