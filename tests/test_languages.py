@@ -336,3 +336,42 @@ def test_baselines_train_their_parts(language_run, tmp_path, trainable):
         assert others and all("lora" in name.lower() or "_a" in name or "_b" in name for name in others), others
     else:
         assert any("transformer" in name for name in others) and not any("visual" in name for name in others)
+
+
+def write_emoji_files(folder):
+    """emoji-test.txt and CLDR annotations in their real layouts, for three emoji (one without a German name)."""
+    folder.mkdir(parents=True)
+    (folder / "emoji-test.txt").write_text(
+        "# group: Smileys & Emotion\n"
+        "1F600                                                  ; fully-qualified     # 😀 E1.0 grinning face\n"
+        "2639 FE0F                                              ; fully-qualified     # ☹️ E0.7 frowning face\n"
+        "2639                                                   ; unqualified         # ☹ E0.7 frowning face\n"
+        "# group: Animals & Nature\n"
+        "1F438                                                  ; fully-qualified     # 🐸 E0.6 frog\n", encoding="utf-8")
+    (folder / "cldr" / "annotations").mkdir(parents=True)
+    for locale, names in (("en", {"😀": "grinning face", "☹": "frowning face", "🐸": "frog"}),
+                          ("de", {"😀": "grinsendes Gesicht", "🐸": "Frosch"})):
+        body = "".join(f'<annotation cp="{cp}">a | b</annotation><annotation cp="{cp}" type="tts">{name}</annotation>'
+                       for cp, name in names.items())
+        (folder / "cldr" / "annotations" / f"{locale}.xml").write_text(
+            f'<?xml version="1.0" encoding="UTF-8" ?><ldml><annotations>{body}</annotations></ldml>', encoding="utf-8")
+
+
+def test_emoji_names_from_cldr_layouts(tmp_path):
+    from clipcl.data.emoji import EmojiNames
+
+    write_emoji_files(tmp_path / "emoji")
+    folder = tmp_path / "emoji"
+    emoji = EmojiNames(folder / "emoji-test.txt", folder / "cldr", font=None, cache_dir=tmp_path / "cache")
+    assert emoji.captions == ["grinning face", "frowning face", "frog"]  # fully-qualified only, FE0F matched
+    assert emoji.versions == [1.0, 0.7, 0.6] and emoji.categories[2] == "Animals & Nature"
+    assert emoji.translations["de"] == ["grinsendes Gesicht", None, "Frosch"]
+    assert in_language(emoji, "de").english == ["grinning face", "frog"]
+    image = emoji.load_image(2)
+    assert image.size == (224, 224) and (tmp_path / "cache").exists()
+    assert emoji.load_image(2).tobytes() == image.tobytes()  # read back from the cache
+    keyed = EmojiNames(folder / "emoji-test.txt", folder / "cldr", font=None, caption="keywords",
+                       cache_dir=tmp_path / "cache")
+    assert keyed.captions[0] == "grinning face, a, b"
+    with pytest.raises(DataError, match="does not exist"):
+        EmojiNames(tmp_path / "missing.txt", folder / "cldr", font=None)

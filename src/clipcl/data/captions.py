@@ -273,7 +273,8 @@ def _read_karpathy(path: Path, split: str | None) -> list[tuple[str, str]]:
 
 
 def load_caption_set(name: str, split: str = "all", root: str | None = None) -> CaptionPairs:
-    """A caption set by name: ``tuxpaint``, ``openclipart``, a caption file or webdataset shards.
+    """A caption set by name: ``tuxpaint``, ``openclipart``, ``emoji`` (:mod:`clipcl.data.emoji`), a
+    caption file or webdataset shards.
 
     ``tuxpaint`` / ``openclipart`` read ``<root>/tuxpaint`` / ``<root>/openclipart`` when ``root`` is given
     and they exist, else the Debian locations; their ``split`` is ``train``, ``test`` or ``all`` (a fixed
@@ -286,6 +287,10 @@ def load_caption_set(name: str, split: str = "all", root: str | None = None) -> 
 
     if split not in SPLITS:
         raise DataError(f"caption set {name}: split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if name == "emoji":
+        from clipcl.data.emoji import load_emoji
+
+        return load_emoji(split, root)
     if name in ("tuxpaint", "openclipart"):
         found = debian_drawings_root(name, root)
         return TuxPaintStamps(found, split) if name == "tuxpaint" else OpenClipart(found, split)

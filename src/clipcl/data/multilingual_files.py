@@ -3,7 +3,8 @@
 :func:`load_multilingual_set` takes:
 
 - ``tuxpaint``: Tux Paint's stamps, whose translations are row-aligned with the English description
-  (:class:`clipcl.data.drawings.TuxPaintStamps`);
+  (:class:`clipcl.data.drawings.TuxPaintStamps`); ``emoji``: CLDR's emoji names in 100+ locales,
+  rendered glyphs (:class:`clipcl.data.emoji.EmojiNames`);
 - an XM3600 folder or its ``captions.jsonl`` (Thapliyal et al. 2022, as Google ships it): one JSON line
   per image, ``{"image/key": K, "<lang>": {"caption": [...], ...}, ...}``, images ``images/K.jpg``. XM3600
   is a test set; its ``train`` / ``test`` here are a fixed split by image key (20% test, the rule of
@@ -186,7 +187,7 @@ def read_triplets(folder: Path) -> MultilingualCaptions:
 
 def load_multilingual_set(name: str, split: str, root: str | None = None) -> CaptionPairs:
     """A multilingual caption set by name (see the module docstring); ``split`` is ``train`` or ``test``."""
-    if name == "tuxpaint":
+    if name in ("tuxpaint", "emoji"):
         return load_caption_set(name, split, root)
     path = Path(name)
     if not path.exists() and not path.is_absolute() and root:
