@@ -375,3 +375,31 @@ def test_emoji_names_from_cldr_layouts(tmp_path):
     assert keyed.captions[0] == "grinning face, a, b"
     with pytest.raises(DataError, match="does not exist"):
         EmojiNames(tmp_path / "missing.txt", folder / "cldr", font=None)
+
+
+@pytest.mark.parametrize("kind", ["open_clip", "hf"])
+def test_grown_vocabulary_encodes_on_clip_towers(kind, tiny_config_path, tmp_path):
+    """The mechanism through the Backend's embedding API on both CLIP towers: new pieces get rows after
+    the table, English tokens and features stay bit-identical, new-language captions encode."""
+    from clipcl.config import ModelConfig
+    from clipcl.models import build_backend
+    from clipcl.models.tiny import write_tiny_hf_clip
+
+    name = tiny_config_path if kind == "open_clip" else str(write_tiny_hf_clip(tmp_path / "hf", seed=0))
+    backend = build_backend(ModelConfig(backend=kind, name=name)).eval()
+    family, base = backend_vocabulary(backend)
+    assert family == "clip_bpe"
+    rows = backend.token_embedding_table().shape[0]
+    vocabularies = LanguageVocabularies(family, base, rows)
+    english = ["a photo of a frog", "a red bird"]
+    with torch.no_grad():
+        before = backend.encode_texts(english)
+        new = vocabularies.add_language("de", ["ein grüner frosch", "ein roter vogel", "ein frosch"] * 3, 10000)
+        backend.extend_token_embedding(torch.randn(len(new), backend.token_embedding_table().shape[1]) * 0.02)
+        assert backend.token_embedding_table().shape[0] == rows + len(new)
+        tokens = vocabularies.tokenize(backend, ["ein grüner frosch"], "de")
+        assert (tokens >= rows).any() and int(tokens[0, 0]) == backend.sot_token_id
+        german = backend.encode_text(tokens)
+        assert torch.isfinite(german).all()
+        assert torch.equal(vocabularies.tokenize(backend, english, "en"), backend.tokenize(english))
+        assert torch.equal(backend.encode_texts(english), before)
