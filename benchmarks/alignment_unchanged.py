@@ -15,13 +15,13 @@ metric that existed before the change (new keys are left out). Run it on two tre
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from seeded import capture_or_compare
 
 KEPT = ("accuracy", "heldout", "retrieval", "anytime", "losses_first_last")
 NEW_METRICS = ("modality_gap", "alignment", "uniformity", "rotation", "inter_modal", "similarity_correlation")
@@ -75,29 +75,5 @@ def capture(output: str) -> None:
     Path(output).write_text(json.dumps(record, indent=1, sort_keys=True))
 
 
-def differences(before, after, path: str = "") -> list[str]:
-    if isinstance(before, dict) and isinstance(after, dict):
-        found = [f"{path}/{key}: only in one" for key in sorted(set(before) ^ set(after))]
-        for key in sorted(set(before) & set(after)):
-            found += differences(before[key], after[key], f"{path}/{key}")
-        return found
-    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
-        return [line for index, (b, a) in enumerate(zip(before, after)) for line in differences(b, a, f"{path}[{index}]")]
-    return [] if before == after else [f"{path}: {before!r} != {after!r}"]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out")
-    parser.add_argument("--compare", nargs=2)
-    args = parser.parse_args()
-    if args.compare:
-        before, after = (json.loads(Path(path).read_text()) for path in args.compare)
-        found = differences(before, after)
-        print("\n".join(found) if found else f"identical: {len(before)} runs, every kept number equal")
-        sys.exit(1 if found else 0)
-    capture(args.out)
-
-
 if __name__ == "__main__":
-    main()
+    capture_or_compare(__doc__.splitlines()[0], capture)

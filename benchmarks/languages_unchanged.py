@@ -16,9 +16,7 @@ saves every matrix, held-out row, retrieval row, loss and metric. Run it on two 
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from seeded import capture_or_compare
 
 KEPT = ("accuracy", "heldout", "retrieval", "alignment", "losses_first_last", "metrics")
 VOLATILE_METRICS = ("train_samples_per_second",)
@@ -87,31 +86,5 @@ def capture(output: str) -> None:
     Path(output).write_text(text)
 
 
-def differences(before, after, path: str = "") -> list[str]:
-    if isinstance(before, dict) and isinstance(after, dict):
-        found = [f"{path}/{key}: only in one" for key in sorted(set(before) ^ set(after))]
-        for key in sorted(set(before) & set(after)):
-            found += differences(before[key], after[key], f"{path}/{key}")
-        return found
-    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
-        return [line for index, (b, a) in enumerate(zip(before, after)) for line in differences(b, a, f"{path}[{index}]")]
-    same = before == after or (isinstance(before, float) and isinstance(after, float)
-                               and math.isnan(before) and math.isnan(after))
-    return [] if same else [f"{path}: {before!r} != {after!r}"]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out")
-    parser.add_argument("--compare", nargs=2)
-    args = parser.parse_args()
-    if args.compare:
-        before, after = (json.loads(Path(path).read_text()) for path in args.compare)
-        found = differences(before, after)
-        print("\n".join(found) if found else f"identical: {len(before)} runs, every kept number equal")
-        sys.exit(1 if found else 0)
-    capture(args.out)
-
-
 if __name__ == "__main__":
-    main()
+    capture_or_compare(__doc__.splitlines()[0], capture)

@@ -57,6 +57,39 @@ def write_json(path: str | Path | None, record: dict) -> None:
     path.write_text(json.dumps(record, indent=2))
 
 
+def differences(before, after, path: str = "") -> list[str]:
+    """Every place where two JSON-like records differ (exact equality; NaN equals NaN)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        found = [f"{path}/{key}: only in one" for key in sorted(set(before) ^ set(after))]
+        for key in sorted(set(before) & set(after)):
+            found += differences(before[key], after[key], f"{path}/{key}")
+        return found
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        return [line for index, (b, a) in enumerate(zip(before, after)) for line in differences(b, a, f"{path}[{index}]")]
+    same = before == after or (isinstance(before, float) and isinstance(after, float)
+                               and math.isnan(before) and math.isnan(after))
+    return [] if same else [f"{path}: {before!r} != {after!r}"]
+
+
+def capture_or_compare(description: str, capture) -> None:
+    """The command line of an "unchanged" script: ``--out FILE`` runs ``capture(FILE)``; ``--compare A B``
+    lists every difference between two captures and exits 1 when there is one."""
+    import sys
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out")
+    parser.add_argument("--compare", nargs=2)
+    arguments = parser.parse_args()
+    if arguments.compare:
+        before, after = (json.loads(Path(path).read_text()) for path in arguments.compare)
+        found = differences(before, after)
+        print("\n".join(found) if found else f"identical: {len(before)} runs, every kept number equal")
+        sys.exit(1 if found else 0)
+    if not arguments.out:
+        parser.error("give --out FILE (capture) or --compare A B")
+    capture(arguments.out)
+
+
 def machine() -> str:
     """The processor (or architecture) and the core count, for a results file."""
     import os

@@ -261,27 +261,17 @@ def test_clfm_annotations_and_coco36_triplets(tmp_path):
 # --- runs ----------------------------------------------------------------------------------------
 
 @pytest.fixture
-def language_run(tiny_config_path, tmp_path):
+def language_run(tiny_run_config, tmp_path):
+    """The tiny open_clip on a three-language Tux Paint tree the test writes; a function to vary it."""
     write_stamps(tmp_path / "data" / "tuxpaint", copies=6)
+    stream = {"protocol": "languages", "datasets": ["tuxpaint"], "languages": ["en", "it", "de"],
+              "data_root": str(tmp_path / "data"), "test_samples_per_task": None}
 
     def make(strategy=None, **sections):
-        data = {
-            "model": {"backend": "open_clip", "name": tiny_config_path},
-            "stream": {"protocol": "languages", "datasets": ["tuxpaint"], "languages": ["en", "it", "de"],
-                       "data_root": str(tmp_path / "data")},
-            "strategy": strategy or {"name": "cll_clip"},
-            "train": {"batch_size": 8, "max_steps_per_task": 3, "lr": 1e-3, "weight_decay": 0.05},
-            "eval": {"batch_size": 16, "cache_dir": ""},
-            "observe": {"tensorboard": False, "progress": False},
-            "seed": 0,
-            "output_dir": str(tmp_path / "run"),
-        }
-        for section, values in sections.items():
-            if isinstance(values, dict):
-                data.setdefault(section, {}).update(values)
-            else:
-                data[section] = values
-        return from_dict(RunConfig, data)
+        sections["stream"] = {**stream, **sections.get("stream", {})}
+        sections["train"] = {"batch_size": 8, "max_steps_per_task": 3, "weight_decay": 0.05, **sections.get("train", {})}
+        return tiny_run_config(strategy or {"name": "cll_clip"}, observe={"tensorboard": False, "progress": False},
+                               **sections)
 
     return make
 
