@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--languages", type=int, default=6, help="how many languages of the order, English first")
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=5e-3, help="benchmarks/multilingual_rate.py's choice by training loss")
     parser.add_argument("--warmup-steps", type=int, default=12, help="10%% of a language's 120 steps at the defaults")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output-dir", default="docs/results/multilingual_records")
