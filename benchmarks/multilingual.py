@@ -41,6 +41,8 @@ from train_once import cached_record
 
 from clipcl.config import RunConfig, from_dict, to_dict
 
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"  # whatever the working directory
+
 METHODS: dict[str, dict] = {
     "zero_shot": {"name": "zero_shot"},
     "cll_clip": {"name": "cll_clip", "teir": False},
@@ -123,8 +125,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-3, help="benchmarks/multilingual_rate.py's choice by training loss")
     parser.add_argument("--warmup-steps", type=int, default=12, help="10%% of a language's 120 steps at the defaults")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output-dir", default="docs/results/multilingual_records")
-    parser.add_argument("--results", default="docs/results/multilingual.json")
+    parser.add_argument("--output-dir", default=str(RESULTS / "multilingual_records"))
+    parser.add_argument("--results", default=str(RESULTS / "multilingual.json"))
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     methods = choices(parser, arguments.methods, METHODS, "method")

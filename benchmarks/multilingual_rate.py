@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from multilingual import run_config
+from multilingual import RESULTS, run_config
 from seeded import machine
 
 
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--rates", default="5e-5,5e-4,5e-3")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--warmup-steps", type=int, default=12)
-    parser.add_argument("--results", default="docs/results/multilingual_rate.json")
+    parser.add_argument("--results", default=str(RESULTS / "multilingual_rate.json"))
     arguments = parser.parse_args()
     torch.set_num_threads(2)
     from clipcl.run import run_experiment
