@@ -36,6 +36,7 @@ from clipcl.engine.batches import (
     collate_captions,
     collate_plan,
 )
+from clipcl.engine.compute import Compute, measuring, per_task_compute
 from clipcl.engine.context import (
     RunContext,
     RunError,
@@ -120,7 +121,7 @@ def replan_memory(context: RunContext, completed: int) -> None:
 
 
 PER_TASK_PROGRESS = ("rows", "heldout_rows", "retrieval_rows", "alignment_rows", "train_seconds", "eval_seconds",
-                     "train_steps", "train_examples", "losses")
+                     "train_steps", "train_examples", "losses", "compute")
 """The progress lists with one entry per finished task."""
 
 
@@ -188,7 +189,7 @@ def run_task_stream(context: RunContext, stop_after_task: int | None) -> dict[st
                         completed_tasks=-1, zero_shot_row=row,
                         zero_shot_heldout=heldout, zero_shot_eval_seconds=seconds, rows=[], heldout_rows=[],
                         train_seconds=[], eval_seconds=[], train_steps=[], train_examples=[], losses=[],
-                        zero_shot_retrieval=retrieval, retrieval_rows=[], zero_shot_alignment=alignment,
+                        compute=[], zero_shot_retrieval=retrieval, retrieval_rows=[], zero_shot_alignment=alignment,
                         alignment_rows=[])
         if row is not None:
             context.observers.evaluated("row", 0, {f"task/{task.name}": value for task, value in zip(stream.tasks, row)})
@@ -197,9 +198,13 @@ def run_task_stream(context: RunContext, stop_after_task: int | None) -> dict[st
 
     for task in stream.tasks[completed + 1:]:
         seed_everything(task_seed(config.seed, task.index))
-        strategy.before_task(task)
-        stats = train_task(context, task, images)
-        strategy.after_task(task)
+        compute = Compute()
+        with measuring(compute):  # the task's hooks spend too (a teacher's snapshot, a calibration)
+            strategy.before_task(task)
+            stats = train_task(context, task, images)
+            strategy.after_task(task)
+        compute.samples_seen, compute.optimizer_steps = stats.examples, stats.steps
+        compute = compute.summed(runtime)
         state = evaluate_state(context, task.index, batch_size, workers)
         row, heldout, eval_seconds = state["row"], state["heldout"], state["seconds"]
         step = context.trainer.global_step
@@ -218,6 +223,7 @@ def run_task_stream(context: RunContext, stop_after_task: int | None) -> dict[st
         progress["train_steps"].append(stats.steps)
         progress["train_examples"].append(stats.examples)
         progress["losses"].append([stats.first_loss, stats.last_loss])
+        progress.setdefault("compute", []).append(compute.as_dict())
         progress["completed_tasks"] = task.index
         if runtime.is_main:
             # Checkpoint first, progress second: progress never points at a checkpoint not yet written.
@@ -320,6 +326,7 @@ def build_results(context: RunContext, progress: dict[str, Any]) -> dict[str, An
             "train_steps": progress["train_steps"],
             "train_examples": progress["train_examples"],
         },
+        "compute": per_task_compute(progress.get("compute", []), progress["train_seconds"], progress["eval_seconds"]),
         "losses_first_last": progress["losses"],
         "parameters": facts["parameters"],
         "config": facts["config"],
