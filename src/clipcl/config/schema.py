@@ -19,7 +19,7 @@ BACKENDS = ("starter", "open_clip", "hf")
 """Valid values of ``model.backend``."""
 LR_SCHEDULES = ("cosine", "constant", "step")
 PROTOCOLS = ("class_incremental", "multi_domain", "xtail", "open_domain_til", "open_domain_cil", "si_blurry",
-             "captions", "languages")
+             "captions", "languages", "time")
 """Valid values of ``stream.protocol``."""
 PRECISIONS = ("fp32", "bf16", "fp16")
 """Valid values of ``train.precision``."""
@@ -108,7 +108,8 @@ class StreamConfig:
     one class with pooled templates; CIL: no task id, seen tasks among the union of the seen classes,
     unseen ones among their own; see clipcl.data.open_domain) or ``si_blurry`` (one online stream with stochastic blurry task boundaries; see clipcl.engine.online) or
     ``captions`` (phases of image-caption pairs trained contrastively; see clipcl.data.caption_stream) or
-    ``languages`` (one caption set, one language per task, CLL-CLIP's; see clipcl.data.languages)."""
+    ``languages`` (one caption set, one language per task, CLL-CLIP's; see clipcl.data.languages) or
+    ``time`` (image-caption pairs in time steps, TiC-CLIP's; the ``time`` section; see clipcl.data.time_stream)."""
     datasets: list[str] = field(default_factory=lambda: ["fashion_mnist", "mnist_5k", "digits"])
     """Datasets in training order (class_incremental uses the first one), or an order name
     such as ``mtil_order_1``. captions: caption sets (``tuxpaint``, ``openclipart``, a caption file, a
@@ -320,6 +321,9 @@ class ObserveConfig:
                 raise ConfigError(f"observe.{name} must be a non-empty string, got {getattr(self, name)!r}")
 
 
+# After the checks it uses: the time section's module imports them from here.
+from clipcl.config.time_schema import TimeConfig
+
 
 @dataclass
 class RunConfig:
@@ -333,6 +337,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     observe: ObserveConfig = field(default_factory=ObserveConfig)
     """Progress bars and experiment trackers (TensorBoard, W&B, MLflow); never changes a number."""
+    time: TimeConfig = field(default_factory=TimeConfig)
+    """Time-continual training (``stream.protocol: time``): mode, steps, budget."""
     seed: int = 0
     """Seeds class order, subsets, initialisation noise and data order."""
     output_dir: str = "runs/run"
@@ -346,7 +352,7 @@ class RunConfig:
     def validate(self) -> None:
         """Validate every section (again: a field may have been changed in place), the strategy section
         against its strategy's Config, and what the sections must agree on."""
-        for section in (self.model, self.stream, self.train, self.eval, self.observe):
+        for section in (self.model, self.stream, self.train, self.eval, self.observe, self.time):
             section.validate()
         check_integer("seed", self.seed, 0)
         from clipcl.strategies import STRATEGIES, strategy_config
@@ -354,7 +360,7 @@ class RunConfig:
         strategy_config(self.strategy)
         # A method trains on labelled batches, caption batches or both (Strategy.batch_kinds): say so
         # now, not at the first training step.
-        kind = "captions" if self.stream.protocol in ("captions", "languages") else "labels"
+        kind = "captions" if self.stream.protocol in ("captions", "languages", "time") else "labels"
         name = self.strategy.get("name")
         if kind not in STRATEGIES[name].batch_kinds:
             able = ", ".join(key for key, cls in STRATEGIES.items() if kind in cls.batch_kinds)

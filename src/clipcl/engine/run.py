@@ -149,6 +149,7 @@ def _run(config: RunConfig, runtime: Runtime, *, restart: bool, resume_from_inta
     from clipcl.data.online_stream import ONLINE_PROTOCOL, build_online_stream
     from clipcl.data.registry import check_dataset_names
     from clipcl.data.streams import build_stream
+    from clipcl.data.time_stream import TIME_PROTOCOL, build_time_stream
     from clipcl.engine.evaluation import AlignmentTracker
     from clipcl.engine.observers import build_observers
     from clipcl.engine.trainer import Trainer
@@ -173,6 +174,11 @@ def _run(config: RunConfig, runtime: Runtime, *, restart: bool, resume_from_inta
         stream = build_online_stream(config.stream, config.seed)
     elif config.stream.protocol == LANGUAGE_PROTOCOL:
         stream = build_language_stream(config.stream, config.seed)
+    elif config.stream.protocol == TIME_PROTOCOL:
+        from clipcl.engine.time_steps import check_budgets
+
+        stream = build_time_stream(config.stream, config.time, config.seed)
+        check_budgets(config, stream)
     elif config.stream.protocol == CAPTION_PROTOCOL:
         stream = build_caption_stream(config.stream, config.seed)
     else:

@@ -28,6 +28,7 @@ from clipcl.checkpoint import (
 from clipcl.config import to_dict
 from clipcl.data.caption_stream import CAPTION_PROTOCOLS
 from clipcl.data.streams import OPEN_DOMAIN_PROTOCOLS
+from clipcl.data.time_stream import TIME_PROTOCOL
 from clipcl.engine.batches import (
     CaptionStreamImages,
     GlobalBatchSampler,
@@ -47,6 +48,7 @@ from clipcl.engine.context import (
     write_results,
 )
 from clipcl.engine.evaluation import evaluate_state
+from clipcl.engine.time_steps import start_from_initial_weights, step_warmup, time_results, time_step_plans
 from clipcl.engine.trainer import ExperienceStats, grouped
 from clipcl.eval import metrics as metrics_module
 from clipcl.eval.evaluator import eval_batch_size
@@ -69,10 +71,16 @@ def train_task(context: RunContext, task, images: StreamImages) -> ExperienceSta
     """Train on one task. Call between ``before_task`` and ``after_task``."""
     config, trainer = context.config.train, context.trainer
     stats = ExperienceStats()
-    batches = task_batches(context, task)
+    time_stream = context.stream.protocol == TIME_PROTOCOL
+    if time_stream:  # drawn from the mode's pool, the budget's steps (clipcl.engine.time_steps)
+        batches = time_step_plans(context, task, task_seed(context.config.seed, task.index),
+                                  task_seed(context.config.seed, task.index))
+    else:
+        batches = task_batches(context, task)
     total_steps = max(1, len(batches) // config.grad_accumulation)
     steps_per_epoch = batches.batches_per_epoch / config.grad_accumulation
-    if not trainer.begin(total_steps, config.lr_schedule or "cosine", steps_per_epoch):
+    warmup = step_warmup(context.config.time, config, task.index) if time_stream else None
+    if not trainer.begin(total_steps, config.lr_schedule or "cosine", steps_per_epoch, warmup_steps=warmup):
         return stats
     for source in context.step_sources.values():
         if getattr(source, "follows_task", False):
@@ -81,8 +89,8 @@ def train_task(context: RunContext, task, images: StreamImages) -> ExperienceSta
         # and on every process.
         source.start(context.strategy.backend, int(torch.randint(0, 2**62, (1,)).item()), batches.per_process_batch)
     trainer.step_sources = context.step_sources
-    plans = PlanSampler(batches, task.index, task_seed(context.config.seed, task.index),
-                        getattr(task.train, "labels", None), context.memory)
+    plans = batches if time_stream else PlanSampler(batches, task.index, task_seed(context.config.seed, task.index),
+                                                    getattr(task.train, "labels", None), context.memory)
     collate = collate_captions if isinstance(images, CaptionStreamImages) else collate_plan
     loader = DataLoader(images, batch_sampler=plans, num_workers=config.num_workers, collate_fn=collate,
                         pin_memory=context.runtime.device.type == "cuda")
@@ -103,8 +111,10 @@ def stream_images(context: RunContext) -> StreamImages | CaptionStreamImages:
     stream = context.stream
     transform = context.strategy.backend.train_preprocess
     if stream.protocol in CAPTION_PROTOCOLS:
+        # A time step's batches mix steps: image ids are made distinct across steps (positives stay right).
         return CaptionStreamImages({task.index: task.train for task in stream.tasks}, transform,
-                                   load_pixels=context.strategy.uses_training_images)
+                                   load_pixels=context.strategy.uses_training_images,
+                                   distinct_ids=stream.protocol == TIME_PROTOCOL)
     context.trainer.class_of = lambda experience, label: stream.tasks[experience].classes[
         stream.tasks[experience].target_of_label[label]]
     return StreamImages({task.index: task.train for task in stream.tasks}, transform)
@@ -198,6 +208,8 @@ def run_task_stream(context: RunContext, stop_after_task: int | None) -> dict[st
 
     for task in stream.tasks[completed + 1:]:
         seed_everything(task_seed(config.seed, task.index))
+        if stream.protocol == TIME_PROTOCOL:
+            start_from_initial_weights(context)  # restart / oracle only
         compute = Compute()
         with measuring(compute):  # the task's hooks spend too (a teacher's snapshot, a calibration)
             strategy.before_task(task)
@@ -255,7 +267,7 @@ def build_results(context: RunContext, progress: dict[str, Any]) -> dict[str, An
     matrix = progress["rows"]
     metrics = metrics_module.all_metrics(matrix, task_sizes, class_incremental=stream.protocol == "class_incremental",
                                          open_domain=stream.protocol in OPEN_DOMAIN_PROTOCOLS,
-                                         languages=stream.protocol == "languages")
+                                         languages=stream.protocol == "languages", time=stream.protocol == TIME_PROTOCOL)
     heldout_names = [held.name for held in stream.heldout]
     zero_shot_heldout = progress["zero_shot_heldout"]  # None with eval.zero_shot_row=false
     if heldout_names:
@@ -327,6 +339,7 @@ def build_results(context: RunContext, progress: dict[str, Any]) -> dict[str, An
             "train_examples": progress["train_examples"],
         },
         "compute": per_task_compute(progress.get("compute", []), progress["train_seconds"], progress["eval_seconds"]),
+        **({"time": time_results(context)} if stream.protocol == TIME_PROTOCOL else {}),
         "losses_first_last": progress["losses"],
         "parameters": facts["parameters"],
         "config": facts["config"],
