@@ -90,10 +90,15 @@ def test_budgets_are_equal_but_the_oracle_s():
         budget_steps(TimeConfig(budget_samples=10), train, 0, 100)
 
 
-def test_a_time_run_cuts_by_timestamp_and_records_its_spending(time_run):
+def test_a_time_run_cuts_by_timestamp_and_records_its_spending(time_run, tmp_path):
+    # Static tasks: a labelled set by zero-shot classification and a caption set by retrieval.
+    static_captions = write_dated_shards(tmp_path / "static", {2000: 10})
     results = run_experiment(time_run("cumulative_exp", time={"mode": "cumulative_exp", "budget_samples": 16,
-                                                             "first_warmup_steps": 1}),
+                                                             "first_warmup_steps": 1},
+                                      stream={"heldout": ["synthetic-7", static_captions], "heldout_samples": 20}),
                              show_progress=False)
+    assert results["heldout"]["datasets"] == ["synthetic-7", static_captions]
+    assert all(len(row) == 2 and np.isfinite(row).all() for row in results["heldout"]["after_each_task"])
     assert results["protocol"] == "time" and results["tasks"] == ["2014", "2015", "2016"]
     matrix = np.array(results["accuracy"]["matrix"])
     assert matrix.shape == (3, 3) and np.isfinite(matrix).all()

@@ -3,7 +3,8 @@
 Garg et al., "TiC-CLIP: Continual Training of CLIP Models" (ICLR 2024): web data arrives year after
 year; at each time step a model trains under a fixed compute budget and is measured on every step's
 held-out pairs by retrieval (the *dynamic* matrix: the diagonal is in-distribution, below it backward
-transfer, above it forward transfer) and on fixed sets (the *static* tasks, ``stream.heldout``).
+transfer, above it forward transfer) and on fixed sets (the *static* tasks, ``stream.heldout``: caption
+sets by retrieval, labelled datasets by zero-shot classification).
 
 The steps come from one caption set whose images carry timestamps (``emoji``: the release year of
 each emoji's Emoji version; webdataset shards: a ``json`` field, ``time.timestamp_key``), cut by
@@ -79,7 +80,8 @@ def build_time_stream(config, time_config, seed: int) -> CaptionStream:
     the sets of a multi-set stream, or a set without timestamps is one DataError line.
     """
     from clipcl.data.captions import load_caption_set
-    from clipcl.data.streams import TEST_SUBSET_SEED
+    from clipcl.data.registry import is_classification_dataset, load_dataset
+    from clipcl.data.streams import TEST_SUBSET_SEED, balanced_subset, heldout_set
 
     names = [config.datasets] if isinstance(config.datasets, str) else list(config.datasets)
     if len(set(names)) != len(names):
@@ -122,9 +124,13 @@ def build_time_stream(config, time_config, seed: int) -> CaptionStream:
             raise DataError(f"time step {name} has no training or no test pairs")
         tasks.append(TimeStep(index, name, train, test, first=first, last=last))
     heldout = []
-    for name in config.heldout:
+    for name in config.heldout:  # the static tasks
         if name in names:
             raise DataError(f"held-out caption set {name} is also in the stream")
-        pairs = load_caption_set(name, "test", root=config.data_root)
-        heldout.append(CaptionHeldOut(name, cap_images(pairs, config.heldout_samples, TEST_SUBSET_SEED)))
+        if is_classification_dataset(name):  # zero-shot classification, its own label space
+            dataset = load_dataset(name, "test", root=config.data_root, download=config.download)
+            heldout.append(heldout_set(balanced_subset(dataset, config.heldout_samples, TEST_SUBSET_SEED)))
+        else:  # a caption set: retrieval
+            pairs = load_caption_set(name, "test", root=config.data_root)
+            heldout.append(CaptionHeldOut(name, cap_images(pairs, config.heldout_samples, TEST_SUBSET_SEED)))
     return CaptionStream(TIME_PROTOCOL, tasks, heldout)
