@@ -1,6 +1,7 @@
 """Time-continual streams (stream.protocol: time, TiC-CLIP): steps, modes, budgets, bad input."""
 
 import io
+import itertools
 import json
 
 import numpy as np
@@ -186,3 +187,54 @@ def test_emoji_are_dated_by_their_emoji_version():
     assert emoji.timestamps == [float(RELEASE_YEARS[version]) for version in emoji.versions]
     years = sorted(set(emoji.timestamps))
     assert years[0] == 2010 and years[-1] >= 2021 and len(years) >= 8
+
+
+# --- streamed steps (time.streaming) -------------------------------------------------------------
+
+
+def test_streamed_shards_are_split_across_processes_and_skip_the_held_out_samples(tmp_path):
+    from pathlib import Path
+
+    from clipcl.data.shard_stream import streamed_pairs
+    from clipcl.data.time_stream import held_out_by_key
+
+    folder = Path(write_dated_shards(tmp_path / "year", {2014: 48}, shards_per_year=4))
+    shards = sorted(folder.glob("*.tar"))
+    seen = {}
+    for rank in range(2):
+        pairs = streamed_pairs(shards, 0, rank, 2, seed=3, transform=lambda image: image, held_out=held_out_by_key)
+        seen[rank] = [(item[1], item[2]) for item in itertools.islice(iter(pairs), 60)]
+    ids = [{image_id for _, image_id in seen[rank]} for rank in range(2)]
+    assert ids[0] and ids[1] and not ids[0] & ids[1]  # each process reads its own shards
+    # Passes repeat: 60 draws from about 19 training samples per process revisit each one.
+    assert len(seen[0]) == 60 and len(ids[0]) < 30
+    from clipcl.data.captions import load_caption_set
+
+    every = load_caption_set(str(folder))
+    held = {key for key in every.image_keys if held_out_by_key(key)}
+    assert held  # some samples are held out, and no process trains on them
+    trained = len(ids[0]) + len(ids[1])
+    assert trained == every.num_images - len(held)
+
+
+def test_a_streamed_time_run_trains_two_processes_on_their_own_shards(time_run, tmp_path):
+    years = [write_dated_shards(tmp_path / str(year), {year: 24}, shards_per_year=2) for year in (2014, 2015)]
+    config = time_run("cumulative_all", datasets=years, time={"streaming": True, "budget_samples": 16},
+                      train={"batch_size": 8, "devices": 2})
+    results = run_experiment(config, show_progress=False)
+    assert results["time"]["pool_counts"] == "shards"
+    assert [step["pool"] for step in results["time"]["steps"]] == [{years[0]: 2}, {years[0]: 2, years[1]: 2}]
+    assert [entry["samples_seen"] for entry in results["compute"]["per_task"]] == [16, 16]
+    assert np.isfinite(np.array(results["accuracy"]["matrix"])).all()
+    # Each step's test is its held-out samples only (the rest are streamed, never indexed).
+    assert results["task_train_sizes"][0] + results["task_test_sizes"][0] == 24
+
+
+def test_streaming_needs_a_shard_per_reader(time_run, tmp_path):
+    years = [write_dated_shards(tmp_path / str(year), {year: 12}) for year in (2014, 2015)]
+    config = time_run(datasets=years, time={"streaming": True, "budget_samples": 16}, train={"batch_size": 8, "devices": 2})
+    from clipcl.errors import UserError
+
+    # Found in each spawned process, reported as the run's one line.
+    with pytest.raises(UserError, match="has 1 shard\\(s\\); each of the 2 process\\(es\\)"):
+        run_experiment(config, show_progress=False)

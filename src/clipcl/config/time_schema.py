@@ -40,6 +40,11 @@ class TimeConfig:
     oracle_factor: int | None = None
     """oracle: budget multiple; None: the number of steps so far (step t gets t budgets: what every
     other mode has spent by then)."""
+    streaming: bool = False
+    """Stream each step's training pairs from its webdataset shards instead of indexing them (steps
+    larger than memory; shards split across processes and loader workers; clipcl.data.shard_stream).
+    Needs one set of shards per step in ``stream.datasets`` and ``budget_samples``; a replay buffer
+    then keeps whole shards of an old step."""
     timestamp_key: str = "year"
     """Caption files and webdataset shards: the field holding each sample's timestamp (a number, or
     an ISO date ``YYYY-MM-DD``, read as a decimal year)."""
@@ -53,6 +58,13 @@ class TimeConfig:
         for name in ("budget_samples", "buffer_size", "oracle_factor"):
             check_integer(f"time.{name}", getattr(self, name), 1, optional=True)
         check_integer("time.first_warmup_steps", self.first_warmup_steps, 0, optional=True)
+        if not isinstance(self.streaming, bool):
+            raise ConfigError(f"time.streaming must be true or false, got {self.streaming!r}")
+        if self.streaming and self.budget_samples is None:
+            raise ConfigError("time.streaming needs time.budget_samples: a streamed step's size is not a pass")
+        if self.streaming and self.buffer_size is not None:
+            raise ConfigError("time.buffer_size counts samples; a streamed step's buffer keeps whole shards "
+                              "(the current step's shard count), so leave it null with time.streaming")
         if not isinstance(self.timestamp_key, str) or not self.timestamp_key:
             raise ConfigError(f"time.timestamp_key must be a non-empty string, got {self.timestamp_key!r}")
         if self.steps is None:

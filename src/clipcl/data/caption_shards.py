@@ -60,8 +60,12 @@ class WebDatasetShards(CaptionPairs):
     so when its row is read.
     """
 
-    def __init__(self, pattern: str | Path, name: str | None = None, timestamp_key: str | None = None) -> None:
+    def __init__(self, pattern: str | Path, name: str | None = None, timestamp_key: str | None = None,
+                 keep=None) -> None:
+        """``keep(image key)`` False: the sample is counted in ``skipped`` and neither read nor indexed
+        (a streamed time step indexes only its held-out samples, :mod:`clipcl.data.shard_stream`)."""
         self.shards = shard_paths(pattern)
+        self.keep, self.skipped = keep, 0
         self.name = name or str(pattern)
         self.timestamp_key = timestamp_key
         self.timestamps = [] if timestamp_key else None
@@ -85,6 +89,9 @@ class WebDatasetShards(CaptionPairs):
                     key, extension = _split_name(member.name)
                     samples.setdefault(key, {})[extension] = member
                 for key, members in samples.items():
+                    if self.keep is not None and not self.keep(f"{shard.name}:{key}"):
+                        self.skipped += 1
+                        continue
                     captions = self._captions(archive, shard, key, members)
                     if self.timestamp_key:
                         self.timestamps.append(self._timestamp(archive, shard, key, members))

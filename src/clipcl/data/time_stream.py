@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -43,9 +44,17 @@ def held_out_by_key(key: str) -> bool:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % 5 == 0
 
 
-def _splits(name: str, root: str | None, timestamp_key: str):
-    """(train, test) of one caption set: its own split, else 20% of its images held out by key."""
+def _splits(name: str, root: str | None, timestamp_key: str, streaming: bool = False):
+    """(train, test) of one caption set: its own split, else 20% of its images held out by key.
+    ``streaming``: the set is webdataset shards whose training side is streamed, not indexed."""
     from clipcl.data.captions import load_caption_set
+
+    if streaming:
+        from clipcl.data.shard_stream import scan_step
+
+        path = Path(name) if "{" in name or Path(name).exists() or not root else Path(root) / name
+        test, train = scan_step(path if "{" not in name else name, held_out_by_key, timestamp_key, name)
+        return train, test
 
     if name == "emoji":  # English names only: other locales' files take most of a minute to read
         from clipcl.data.emoji import load_emoji
@@ -88,6 +97,9 @@ def build_time_stream(config, time_config, seed: int) -> CaptionStream:
         raise DataError(f"a caption set appears twice in the time stream: {names}")
     key = time_config.timestamp_key
     steps: list[tuple[str, object, object, float | None, float | None]] = []
+    if time_config.streaming and len(names) == 1:
+        raise DataError("time.streaming streams each step from its own shards: give one set of webdataset "
+                        "shards per time step in stream.datasets (TiC-DataComp's one folder per year)")
     if len(names) == 1:
         train, test = _splits(names[0], config.data_root, key)
         train_times, test_times = _timestamps(train, names[0]), _timestamps(test, names[0])
@@ -106,10 +118,12 @@ def build_time_stream(config, time_config, seed: int) -> CaptionStream:
                             "a time step (leave time.steps null)")
         previous = None
         for name in names:
-            train, test = _splits(name, config.data_root, key)
+            train, test = _splits(name, config.data_root, key, time_config.streaming)
             first = last = None
-            if train.timestamps is not None:
-                times = np.asarray(train.timestamps + (test.timestamps or []), dtype=np.float64)
+            # A streamed step's training side is not read: its timestamps are its test samples'.
+            dated = [pairs.timestamps for pairs in (train, test) if getattr(pairs, "timestamps", None) is not None]
+            times = np.asarray([value for values in dated for value in values], dtype=np.float64)
+            if len(times):
                 first, last = float(times.min()), float(times.max())
                 if previous is not None and first < previous[1]:
                     raise DataError(f"timestamps out of order: time step {name} has samples from {first:g}, "
@@ -118,7 +132,8 @@ def build_time_stream(config, time_config, seed: int) -> CaptionStream:
             steps.append((name, train, test, first, last))
     tasks = []
     for index, (name, train, test, first, last) in enumerate(steps):
-        train = cap_images(train, config.train_samples_per_task, seed + 1000 * index)
+        if not time_config.streaming:  # a streamed step is drawn by its budget, never capped
+            train = cap_images(train, config.train_samples_per_task, seed + 1000 * index)
         test = cap_images(test, config.test_samples_per_task, TEST_SUBSET_SEED)
         if len(train) == 0 or len(test) == 0:
             raise DataError(f"time step {name} has no training or no test pairs")

@@ -89,11 +89,14 @@ def train_task(context: RunContext, task, images: StreamImages) -> ExperienceSta
         # and on every process.
         source.start(context.strategy.backend, int(torch.randint(0, 2**62, (1,)).item()), batches.per_process_batch)
     trainer.step_sources = context.step_sources
-    plans = batches if time_stream else PlanSampler(batches, task.index, task_seed(context.config.seed, task.index),
-                                                    getattr(task.train, "labels", None), context.memory)
-    collate = collate_captions if isinstance(images, CaptionStreamImages) else collate_plan
-    loader = DataLoader(images, batch_sampler=plans, num_workers=config.num_workers, collate_fn=collate,
-                        pin_memory=context.runtime.device.type == "cuda")
+    if hasattr(batches, "loader"):  # a streamed time step reads its shards itself
+        loader = batches.loader()
+    else:
+        plans = batches if time_stream else PlanSampler(batches, task.index, task_seed(context.config.seed, task.index),
+                                                        getattr(task.train, "labels", None), context.memory)
+        collate = collate_captions if isinstance(images, CaptionStreamImages) else collate_plan
+        loader = DataLoader(images, batch_sampler=plans, num_workers=config.num_workers, collate_fn=collate,
+                            pin_memory=context.runtime.device.type == "cuda")
     context.observers.experience_started(task.name, task.index, total_steps)
     trainer.train_groups(grouped(loader, config.grad_accumulation), task, stats, max_steps=total_steps)
     context.observers.experience_finished(task.name, task.index, {

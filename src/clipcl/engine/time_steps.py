@@ -95,12 +95,46 @@ class TimeStepPlans:
                    for offset, position in enumerate(drawn[self.rank * share: (self.rank + 1) * share])]
 
 
-def time_step_plans(context, task, seed: int, augmentation_seed: int) -> TimeStepPlans:
+class StreamedStep:
+    """A streamed time step's batches (``time.streaming``): the pool's shards read through webdataset
+    by :func:`clipcl.data.shard_stream.streamed_loader`; the attributes the trainer reads of plans."""
+
+    def __init__(self, context, task, pool: list[tuple[int, np.ndarray]], micro_batches: int, seed: int) -> None:
+        self.context, self.task, self.micro_batches, self.seed = context, task, micro_batches, seed
+        tasks = context.stream.tasks
+        self.shards = [[tasks[source].train.shards[position] for position in positions] for source, positions in pool]
+        batch_size = context.config.train.batch_size
+        self.per_process_batch = batch_size // context.runtime.world_size
+        self.batches_per_epoch = max(1, len(task.train) // batch_size)
+
+    def __len__(self) -> int:
+        return self.micro_batches
+
+    def loader(self):
+        from clipcl.data.shard_stream import streamed_loader
+        from clipcl.data.time_stream import held_out_by_key
+
+        context = self.context
+        return streamed_loader(self.shards, self.task.index, context.runtime, self.seed,
+                               context.strategy.backend.train_preprocess, held_out_by_key,
+                               context.config.train.batch_size, self.micro_batches, context.config.train.num_workers)
+
+
+def pool_sizes(context) -> list[int]:
+    """What a mode's pool counts per step: training rows, or shards for a streamed stream."""
+    if context.config.time.streaming:
+        return [len(step.train.shards) for step in context.stream.tasks]
+    return [len(step.train) for step in context.stream.tasks]
+
+
+def time_step_plans(context, task, seed: int, augmentation_seed: int) -> TimeStepPlans | StreamedStep:
     """The plans of ``task`` (a time step) under the run's ``time`` section."""
     config = context.config
-    sizes = [len(step.train) for step in context.stream.tasks]
+    sizes = pool_sizes(context)
     pool = step_pool(sizes, task.index, config.time.mode, config.time.buffer_size, config.seed)
-    steps = budget_steps(config.time, config.train, task.index, sizes[task.index])
+    steps = budget_steps(config.time, config.train, task.index, len(task.train))
+    if config.time.streaming:
+        return StreamedStep(context, task, pool, steps * config.train.grad_accumulation, seed)
     return TimeStepPlans(pool, steps * config.train.grad_accumulation, config.train.batch_size, seed,
                          augmentation_seed, context.runtime.rank, context.runtime.world_size)
 
@@ -109,6 +143,15 @@ def check_budgets(config, stream) -> None:
     """Refuse a budget below one optimizer step before anything is written (one ConfigError line)."""
     for step in stream.tasks:
         budget_steps(config.time, config.train, step.index, len(step.train))
+    if config.time.streaming and config.strategy.get("name") != "zero_shot":
+        from clipcl.data.base import DataError
+
+        readers = config.train.devices * max(1, config.train.num_workers)
+        for step in stream.tasks:
+            if len(step.train.shards) < readers:
+                raise DataError(f"time.streaming: step {step.name} has {len(step.train.shards)} shard(s); each of "
+                                f"the {config.train.devices} process(es) x {max(1, config.train.num_workers)} loader "
+                                "worker(s) needs one of its own")
 
 
 def step_warmup(time_config, train_config, step: int) -> int:
@@ -133,10 +176,10 @@ def start_from_initial_weights(context) -> None:
 def time_results(context) -> dict:
     """results.json's ``time``: the mode, each step's timestamps, budget and pool (rows per step)."""
     config, tasks = context.config, context.stream.tasks
-    sizes = [len(step.train) for step in tasks]
-    return {"mode": config.time.mode,
+    sizes = pool_sizes(context)
+    return {"mode": config.time.mode, "pool_counts": "shards" if config.time.streaming else "rows",
             "steps": [{"name": step.name, "first": step.first, "last": step.last, "train_rows": len(step.train),
-                       "budget_steps": budget_steps(config.time, config.train, step.index, sizes[step.index]),
+                       "budget_steps": budget_steps(config.time, config.train, step.index, len(step.train)),
                        "pool": {tasks[source].name: len(rows) for source, rows in
                                 step_pool(sizes, step.index, config.time.mode, config.time.buffer_size, config.seed)}}
                       for step in tasks],
