@@ -3,17 +3,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from numbers import Integral, Real
 from typing import Any
 
-from clipcl.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A bad configuration. The message is one line naming the key and what is allowed."""
-
+from clipcl.config.checks import ConfigError, check_choice, check_integer, check_number
+from clipcl.config.time_schema import TimeConfig
 
 BACKENDS = ("starter", "open_clip", "hf")
 """Valid values of ``model.backend``."""
@@ -25,38 +19,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 """Valid values of ``train.precision``."""
 ACCELERATORS = ("auto", "cpu", "cuda")
 """Valid values of ``train.accelerator``."""
-
-
-def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    """Raise ConfigError unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
-
-
-def check_integer(key: str, value: Any, minimum: int, optional: bool = False) -> None:
-    """Raise ConfigError unless ``value`` is an integer >= ``minimum`` (or None when ``optional``)."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ConfigError(f"{key} must be an integer >= {minimum}{' (or null)' if optional else ''}, got {value!r}")
-
-
-def check_number(key: str, value: Any, low: float | None = None, high: float | None = None, *,
-                 low_open: bool = False, optional: bool = False) -> None:
-    """Raise ConfigError unless ``value`` is a finite number in the range ``[low, high]`` (``(low, high]``
-    with ``low_open``; an end that is None is unbounded), or None when ``optional``."""
-    if value is None and optional:
-        return
-    good = not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
-    good = good and (low is None or (value > low if low_open else value >= low)) and (high is None or value <= high)
-    if not good:
-        if low is not None and high is not None:
-            allowed = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
-        elif low is not None:
-            allowed = f"{'>' if low_open else '>='} {low:g}"
-        else:
-            allowed = f"<= {high:g}"
-        raise ConfigError(f"{key} must be a finite number {allowed}{' (or null)' if optional else ''}, got {value!r}")
 
 
 @dataclass
@@ -320,9 +282,6 @@ class ObserveConfig:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"observe.{name} must be a non-empty string, got {getattr(self, name)!r}")
 
-
-# After the checks it uses: the time section's module imports them from here.
-from clipcl.config.time_schema import TimeConfig
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clipcl.config.schema import ConfigError, check_choice, check_integer
+from clipcl.config.checks import ConfigError, check_choice, check_integer
 
 TIME_MODES = ("sequential", "cumulative_all", "cumulative_exp", "cumulative_equal", "restart", "oracle")
 """Valid values of ``time.mode`` (clipcl.engine.time_steps says what each trains on)."""
