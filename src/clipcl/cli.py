@@ -92,9 +92,11 @@ def command_list(args: argparse.Namespace) -> int:
         print(f"  {name}")
     print("  si_blurry          (online: one pass, stochastic blurry task boundaries; docs/online.md)")
     print("  captions           (phases of image-caption pairs, contrastive; docs/alignment.md)")
+    print("  languages          (one caption set, one language per task, CLL-CLIP's; docs/multilingual.md)")
+    print("  time               (caption data in time steps, TiC-CLIP's modes and budgets; docs/time_continual.md)")
     print("caption sets (captions: stream.datasets, stream.heldout):")
-    print("  tuxpaint, openclipart (Debian packages; drawings, not photos), a caption file (.json Karpathy, "
-          ".csv, .tsv, .jsonl) or webdataset shards (.tar, brace pattern)")
+    print("  tuxpaint, openclipart, emoji (Debian packages; drawings and glyphs, not photos), a caption file "
+          "(.json Karpathy, .csv, .tsv, .jsonl) or webdataset shards (.tar, brace pattern)")
     print("stream orders (stream.datasets):")
     for name, datasets in STREAM_ORDERS.items():
         print(f"  {name:<14} {' -> '.join(datasets)}")
