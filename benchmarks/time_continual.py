@@ -8,6 +8,7 @@ step every step's held-out emoji are measured by retrieval (mean R@1 both ways: 
 two static tasks never trained on: Tux Paint's stamps by retrieval and Fashion-MNIST by zero-shot
 classification (500 images).
 
+Settings: the shipped config ``tic_emoji`` (src/clipcl/configs/tic_emoji.yaml), alignment measures off.
 Modes (``time.mode``; docs/time_continual.md): sequential, cumulative_all, cumulative_exp,
 cumulative_equal, restart and oracle, each with ``--budget`` samples per step (oracle: step t gets
 t + 1 budgets, what every other mode has spent by then). Every mode trains the starter's two
@@ -36,26 +37,17 @@ import torch
 from seeded import cell, choices, machine, mean_and_std, write_summary
 from train_once import cached_record
 
-from clipcl.config import RunConfig, from_dict, to_dict
+from clipcl.config import RunConfig, load_config, to_dict
 from clipcl.config.time_schema import TIME_MODES
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
-STEPS = [[2010, 2010], [2014, 2015], [2016, 2016], [2017, 2018], [2019, 2019], [2020, 2021]]
-TRAINED = {"name": "finetune", "train": "_text.projection,_image.projection", "train_logit_scale": True}
 
 
 def run_config(arguments, mode: str, seed: int, output_dir: str) -> RunConfig:
-    return from_dict(RunConfig, {
-        "name": f"time-{mode}-seed{seed}",
-        "model": {"backend": "starter"},
-        "stream": {"protocol": "time", "datasets": ["emoji"], "heldout": ["tuxpaint", "fashion_mnist"],
-                   "heldout_samples": 500},
-        "time": {"mode": mode, "steps": STEPS, "budget_samples": arguments.budget, "first_warmup_steps": 2},
-        "strategy": TRAINED,
-        "train": {"batch_size": 32, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 0, "lr_schedule": "cosine"},
-        "eval": {"batch_size": 128, "alignment": False},
-        "observe": {"tensorboard": False, "progress": False},
-        "seed": seed, "output_dir": output_dir})
+    """The shipped ``tic_emoji`` config (the same settings a user runs) with this mode, budget and seed."""
+    return load_config("tic_emoji", [f"time.mode={mode}", f"time.budget_samples={arguments.budget}",
+                                     "eval.alignment=false", "observe.tensorboard=false", "observe.progress=false",
+                                     f"seed={seed}", f"output_dir={output_dir}", f"name=time-{mode}-seed{seed}"])
 
 
 def measure(arguments, mode: str, seed: int) -> dict:
