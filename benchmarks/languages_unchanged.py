@@ -48,6 +48,22 @@ def write_captions(folder: Path, name: str, images: int, seed: int) -> str:
     return str(path)
 
 
+ANIMALS = [("A frog.", "Una rana.", "Ein Frosch."), ("A red bird.", "Un uccello rosso.", "Ein roter Vogel."),
+           ("A big cat.", "Un gatto grande.", "Eine große Katze."), ("A green tree.", "Un albero verde.", "Ein grüner Baum.")]
+
+
+def write_stamps(root: Path, copies: int = 6) -> None:
+    """A small Tux Paint stamps tree (English, Italian and German lines), for a language stream."""
+    rng = np.random.default_rng(0)
+    for copy in range(copies):
+        for index, (english, italian, german) in enumerate(ANIMALS):
+            folder = root / ("animals" if index % 2 else "nature")
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"stamp{copy}_{index}"
+            Image.fromarray((rng.random((20, 20, 3)) * 80 + 30 * index).astype("uint8")).save(folder / f"{name}.png")
+            (folder / f"{name}.txt").write_text(f"{english}\nit.utf8={italian}\nde.utf8={german}\n", encoding="utf-8")
+
+
 def kept_numbers(results: dict) -> dict:
     kept = {key: results[key] for key in KEPT if key in results}
     kept["metrics"] = {key: value for key, value in kept.get("metrics", {}).items() if key not in VOLATILE_METRICS}
@@ -72,6 +88,13 @@ def capture(output: str) -> None:
         runs["multi_domain-finetune"] = ({"protocol": "multi_domain", "datasets": ["synthetic-0", "synthetic-1"],
                                           "test_samples_per_task": 60}, {"name": "finetune"},
                                          {"retrieval": ["synthetic-5", old], "retrieval_images": 30})
+        # Added with issue 17: CLL-CLIP (TEIR on and off) on a language stream, which that change's
+        # trainer and caption-batch edits also reach.
+        write_stamps(root / "data" / "tuxpaint")
+        for teir in (False, True):
+            runs[f"languages-cll_clip-teir_{str(teir).lower()}"] = (
+                {"protocol": "languages", "datasets": ["tuxpaint"], "languages": ["en", "it", "de"],
+                 "data_root": str(root / "data")}, {"name": "cll_clip", "teir": teir}, {})
         for name, (stream, strategy, evaluation) in runs.items():
             config = from_dict(RunConfig, {
                 "model": {"backend": "open_clip", "name": model}, "stream": stream, "strategy": strategy,

@@ -117,6 +117,15 @@ def config_digests(configs: dict[str, RunConfig]) -> dict[str, str]:
     return {protocol: fingerprint_digest(config_fingerprint(config)) for protocol, config in configs.items()}
 
 
+def same_settings(saved, current) -> bool:
+    """Whether a saved record's identity matches the current one. A key only the current identity has
+    is a config field added since the record was made; new fields default to the old behaviour, so it
+    does not make the settings differ. Anything else must be equal."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return all(key in current and same_settings(value, current[key]) for key, value in saved.items())
+    return saved == current
+
+
 def cached_record(path: str | Path, compute: Callable[[], dict], identity: dict | None = None) -> dict:
     """The record saved at ``path`` when there is one (a finished (method, seed)); otherwise
     ``compute()``'s, with the wall ``seconds`` it took and ``identity`` added, written atomically (an
@@ -124,12 +133,13 @@ def cached_record(path: str | Path, compute: Callable[[], dict], identity: dict 
 
     A saved record whose ``identity`` (e.g. :func:`config_digests`) differs from the given one was
     made with other settings (other caps, epochs or rates): that stops the benchmark with one line
-    rather than mixing it in. Records saved before identities were kept have none and are read back.
+    rather than mixing it in (:func:`same_settings`). Records saved before identities were kept have
+    none and are read back.
     """
     path = Path(path)
     if path.exists():
         record = json.loads(path.read_text())
-        if identity is not None and record.get("identity", identity) != identity:
+        if identity is not None and not same_settings(record.get("identity", identity), identity):
             raise SystemExit(f"{path} was made with other settings; remove it or choose another --output-dir")
         return record
     started = time.perf_counter()

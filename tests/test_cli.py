@@ -310,6 +310,26 @@ def test_report_of_an_online_run(tmp_path, capsys):
     assert (run / "anytime_accuracy.png").exists()
 
 
+def test_report_plots_every_run_against_the_samples_it_has_seen(tmp_path, capsys):
+    from clipcl.report_compute import samples_seen_curve
+
+    results = copy.deepcopy(TASK_RESULTS)
+    results["compute"] = {"samples_seen_cumulative": [64, 128, 192]}
+    online = copy.deepcopy(ONLINE_RESULTS)
+    online["anytime"]["samples_trained"] = [150, 300]
+    # After task t: the mean of row t over the tasks seen so far; the zero-shot row's first task at 0.
+    samples, measure = samples_seen_curve(results)
+    assert samples == [0.0, 64.0, 128.0, 192.0]
+    assert measure == [10.0, MATRIX[0][0], (MATRIX[1][0] + MATRIX[1][1]) / 2, sum(MATRIX[2]) / 3]
+    assert samples_seen_curve(online) == ([150.0, 300.0], [30.0, 40.0])
+    assert samples_seen_curve(TASK_RESULTS) is None  # a run from before compute accounting
+    first, second = write_run(tmp_path / "first", results), write_run(tmp_path / "second", online)
+    assert main(["report", str(first), str(second)]) == 0
+    assert (first / "samples_seen.png").exists() and (second / "samples_seen.png").exists()
+    assert (first / "samples_seen_comparison.png").exists()
+    assert "samples_seen_comparison.png" in capsys.readouterr().out
+
+
 # --- clipcl demo ----------------------------------------------------------------------------------
 
 

@@ -31,8 +31,9 @@ def online_config(tiny_run_config, strategy, tmp_path, name, **train):
 
 
 def measured(results: dict) -> dict:
-    """What a run measured, without wall-clock times, dates and paths."""
-    return {key: value for key, value in results.items() if key not in ("timing", "created", "config", "host")} | {
+    """What a run measured, without wall-clock times, dates and paths (compute: its counters only)."""
+    return {key: value for key, value in results.items()
+            if key not in ("timing", "created", "config", "host", "compute")} | {"compute": spent(results)} | {
         "metrics": {k: v for k, v in results["metrics"].items() if k != "train_samples_per_second"},
         "steps": results["timing"]["train_steps"], "examples": results["timing"]["train_examples"]}
 
@@ -43,6 +44,12 @@ class ToyConfig(FinetuneConfig):
 
 
 # --- online streams: resume, data parallel ------------------------------------------------------------
+
+
+def spent(results):
+    """The compute counters of a run, without its wall times."""
+    return [{key: value for key, value in entry.items() if not key.endswith("_seconds")}
+            for entry in results["compute"]["per_task"]]
 
 
 @pytest.mark.parametrize("strategy", [
@@ -62,6 +69,8 @@ def test_online_run_killed_mid_stream_resumes_to_the_same_results(strategy, tiny
     resumed = run_experiment(config, show_progress=False)
     assert measured(resumed) == measured(full)
     assert resumed["alignment"] == full["alignment"]
+    # The resumed run's spending is the uninterrupted run's, teacher refreshes and replay included.
+    assert spent(resumed) == spent(full)
 
 
 def test_online_resume_restores_the_learning_rate_schedule(tiny_run_config, tmp_path):
@@ -136,6 +145,9 @@ def test_two_processes_give_the_same_online_run_as_one(tiny_run_config, tmp_path
     assert two["anytime"] == one["anytime"]
     assert two["heldout"] == one["heldout"]
     assert two["timing"]["train_steps"] == one["timing"]["train_steps"] == 24
+    counters = ("samples_seen", "optimizer_steps", "image_forward", "image_backward", "text_forward", "text_backward")
+    assert {key: two["compute"]["total"][key] for key in counters} == {key: one["compute"]["total"][key] for key in counters}
+    assert two["compute"]["total"]["image_backward"] == 24 * 8  # 24 steps of 8 images, over both processes
 
 
 def test_online_runs_take_grad_accumulation_and_a_schedule(tiny_run_config, tmp_path):

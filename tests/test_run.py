@@ -32,6 +32,10 @@ def test_resume_after_interruption_gives_same_results(tiny_run_config, tmp_path)
     resumed = run_experiment(config, show_progress=False)
     assert resumed["accuracy"]["matrix"] == full["accuracy"]["matrix"]
     assert resumed["metrics"] == full["metrics"]
+    assert [{key: value for key, value in entry.items() if not key.endswith("_seconds")}
+            for entry in resumed["compute"]["per_task"]] == \
+        [{key: value for key, value in entry.items() if not key.endswith("_seconds")}
+         for entry in full["compute"]["per_task"]]
 
 
 def test_two_processes_give_the_same_matrix_as_one(tiny_run_config, tmp_path):
@@ -46,6 +50,10 @@ def test_two_processes_give_the_same_matrix_as_one(tiny_run_config, tmp_path):
     assert two["accuracy"]["matrix"] == one["accuracy"]["matrix"]
     assert two["accuracy"]["zero_shot_row"] == one["accuracy"]["zero_shot_row"]
     assert np.allclose(two["losses_first_last"], one["losses_first_last"], rtol=1e-6)
+    # Compute accounting sums both processes' tower passes: the same spending as the one process.
+    counters = ("samples_seen", "optimizer_steps", "image_forward", "image_backward", "text_forward", "text_backward")
+    assert [{key: entry[key] for key in counters} for entry in two["compute"]["per_task"]] == \
+        [{key: entry[key] for key in counters} for entry in one["compute"]["per_task"]]
     # Stronger than equal accuracies: the trained weights after every task are bitwise equal.
     for task in range(3):
         name = f"checkpoints/after_task_{task:02d}.safetensors"

@@ -50,9 +50,9 @@ def test_a_task_stream_tells_the_step_schedule_its_epochs(tiny_run_config, monke
     seen = []
     original = Trainer.begin
 
-    def recording(self, total_steps, schedule="cosine", steps_per_epoch=None):
+    def recording(self, total_steps, schedule="cosine", steps_per_epoch=None, warmup_steps=None):
         seen.append((total_steps, schedule, steps_per_epoch))
-        return original(self, total_steps, schedule, steps_per_epoch)
+        return original(self, total_steps, schedule, steps_per_epoch, warmup_steps)
 
     monkeypatch.setattr(Trainer, "begin", recording)
     config = tiny_run_config(train={"lr_schedule": "step", "lr_step_epochs": 1, "epochs": 2, "batch_size": 16,

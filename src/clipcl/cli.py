@@ -92,9 +92,11 @@ def command_list(args: argparse.Namespace) -> int:
         print(f"  {name}")
     print("  si_blurry          (online: one pass, stochastic blurry task boundaries; docs/online.md)")
     print("  captions           (phases of image-caption pairs, contrastive; docs/alignment.md)")
+    print("  languages          (one caption set, one language per task, CLL-CLIP's; docs/multilingual.md)")
+    print("  time               (caption data in time steps, TiC-CLIP's modes and budgets; docs/time_continual.md)")
     print("caption sets (captions: stream.datasets, stream.heldout):")
-    print("  tuxpaint, openclipart (Debian packages; drawings, not photos), a caption file (.json Karpathy, "
-          ".csv, .tsv, .jsonl) or webdataset shards (.tar, brace pattern)")
+    print("  tuxpaint, openclipart, emoji (Debian packages; drawings and glyphs, not photos), a caption file "
+          "(.json Karpathy, .csv, .tsv, .jsonl) or webdataset shards (.tar, brace pattern)")
     print("stream orders (stream.datasets):")
     for name, datasets in STREAM_ORDERS.items():
         print(f"  {name:<14} {' -> '.join(datasets)}")
@@ -212,6 +214,14 @@ def command_report(args: argparse.Namespace) -> int:
                 parts.append("Plots: " + ", ".join(str(path) for path in plots) + "\n")
         if len(all_results) > 1:
             parts.insert(0, "# Comparison\n\n" + comparison_markdown(all_results) + "\n")
+            if plot_folders:  # next to the other plots: --plots-dir, else the first run's folder
+                from clipcl.report import _save_figure
+                from clipcl.report_compute import plot_samples_seen
+
+                folder = Path(args.plots_dir) if args.plots_dir else plot_folders[0]
+                compared = plot_samples_seen(all_results, folder / "samples_seen_comparison.png", _save_figure)
+                if compared is not None:
+                    parts.insert(1, f"Measure against samples seen, every run: {compared}\n")
         text = "\n".join(parts)
         if output is not None:
             atomic_write_text(output, text)

@@ -2,7 +2,8 @@
 
 ``clipcl report RUN_DIR [RUN_DIR ...]`` writes, next to each run, a heatmap of the accuracy matrix and a
 plot of each task's accuracy over the stream; with several runs it also prints a side-by-side
-comparison table (and writes it with ``--output``). :func:`load_results` checks that a results.json
+comparison table (and writes it with ``--output``) and ``samples_seen_comparison.png``, every run's
+measure against the training samples it has seen (:mod:`clipcl.report_compute`). :func:`load_results` checks that a results.json
 holds what the summary and plots read, so that a damaged or foreign file fails with one line.
 
 A task run's ``accuracy.zero_shot_row`` may be null (a run with ``eval.zero_shot_row: false``): the
@@ -332,7 +333,10 @@ def plot_run(results: dict[str, Any], directory: str | Path) -> list[Path]:
             _save_figure(figure, path)
         finally:
             plt.close(figure)
-        return [path]
+        from clipcl.report_compute import plot_samples_seen
+
+        against_compute = plot_samples_seen([results], directory / "samples_seen.png", _save_figure)
+        return [path, *([against_compute] if against_compute else [])]
     accuracy = results["accuracy"]
     has_zero_shot_row = accuracy_has_zero_shot_row(results)
     rows = (["zero-shot"] if has_zero_shot_row else []) + accuracy["rows"]
@@ -377,5 +381,8 @@ def plot_run(results: dict[str, Any], directory: str | Path) -> list[Path]:
     finally:
         plt.close(figure)
     from clipcl.report_alignment import plot_alignment
+    from clipcl.report_compute import plot_samples_seen
 
-    return [heatmap, curves, *plot_alignment(results, directory, _save_figure)]
+    against_compute = plot_samples_seen([results], directory / "samples_seen.png", _save_figure)
+    return [heatmap, curves, *plot_alignment(results, directory, _save_figure),
+            *([against_compute] if against_compute else [])]

@@ -169,6 +169,8 @@ def config_fingerprint(config: RunConfig) -> str:
     data.pop("output_dir", None)
     data.pop("name", None)
     data.pop("observe", None)
+    if config.stream.protocol != "time":  # read by time streams only: other runs' fingerprints stay as they were
+        data.pop("time", None)
     for key in ("batch_size", "feature_cache", "cache_dir"):
         data["eval"].pop(key, None)
     return json.dumps(data, sort_keys=True)

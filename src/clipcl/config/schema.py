@@ -3,60 +3,22 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from numbers import Integral, Real
 from typing import Any
 
-from clipcl.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A bad configuration. The message is one line naming the key and what is allowed."""
-
+from clipcl.config.checks import ConfigError, check_choice, check_integer, check_number
+from clipcl.config.time_schema import TimeConfig
 
 BACKENDS = ("starter", "open_clip", "hf")
 """Valid values of ``model.backend``."""
 LR_SCHEDULES = ("cosine", "constant", "step")
 PROTOCOLS = ("class_incremental", "multi_domain", "xtail", "open_domain_til", "open_domain_cil", "si_blurry",
-             "captions", "languages")
+             "captions", "languages", "time")
 """Valid values of ``stream.protocol``."""
 PRECISIONS = ("fp32", "bf16", "fp16")
 """Valid values of ``train.precision``."""
 ACCELERATORS = ("auto", "cpu", "cuda")
 """Valid values of ``train.accelerator``."""
-
-
-def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    """Raise ConfigError unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
-
-
-def check_integer(key: str, value: Any, minimum: int, optional: bool = False) -> None:
-    """Raise ConfigError unless ``value`` is an integer >= ``minimum`` (or None when ``optional``)."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ConfigError(f"{key} must be an integer >= {minimum}{' (or null)' if optional else ''}, got {value!r}")
-
-
-def check_number(key: str, value: Any, low: float | None = None, high: float | None = None, *,
-                 low_open: bool = False, optional: bool = False) -> None:
-    """Raise ConfigError unless ``value`` is a finite number in the range ``[low, high]`` (``(low, high]``
-    with ``low_open``; an end that is None is unbounded), or None when ``optional``."""
-    if value is None and optional:
-        return
-    good = not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
-    good = good and (low is None or (value > low if low_open else value >= low)) and (high is None or value <= high)
-    if not good:
-        if low is not None and high is not None:
-            allowed = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
-        elif low is not None:
-            allowed = f"{'>' if low_open else '>='} {low:g}"
-        else:
-            allowed = f"<= {high:g}"
-        raise ConfigError(f"{key} must be a finite number {allowed}{' (or null)' if optional else ''}, got {value!r}")
 
 
 @dataclass
@@ -108,7 +70,8 @@ class StreamConfig:
     one class with pooled templates; CIL: no task id, seen tasks among the union of the seen classes,
     unseen ones among their own; see clipcl.data.open_domain) or ``si_blurry`` (one online stream with stochastic blurry task boundaries; see clipcl.engine.online) or
     ``captions`` (phases of image-caption pairs trained contrastively; see clipcl.data.caption_stream) or
-    ``languages`` (one caption set, one language per task, CLL-CLIP's; see clipcl.data.languages)."""
+    ``languages`` (one caption set, one language per task, CLL-CLIP's; see clipcl.data.languages) or
+    ``time`` (image-caption pairs in time steps, TiC-CLIP's; the ``time`` section; see clipcl.data.time_stream)."""
     datasets: list[str] = field(default_factory=lambda: ["fashion_mnist", "mnist_5k", "digits"])
     """Datasets in training order (class_incremental uses the first one), or an order name
     such as ``mtil_order_1``. captions: caption sets (``tuxpaint``, ``openclipart``, a caption file, a
@@ -333,6 +296,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     observe: ObserveConfig = field(default_factory=ObserveConfig)
     """Progress bars and experiment trackers (TensorBoard, W&B, MLflow); never changes a number."""
+    time: TimeConfig = field(default_factory=TimeConfig)
+    """Time-continual training (``stream.protocol: time``): mode, steps, budget."""
     seed: int = 0
     """Seeds class order, subsets, initialisation noise and data order."""
     output_dir: str = "runs/run"
@@ -346,7 +311,7 @@ class RunConfig:
     def validate(self) -> None:
         """Validate every section (again: a field may have been changed in place), the strategy section
         against its strategy's Config, and what the sections must agree on."""
-        for section in (self.model, self.stream, self.train, self.eval, self.observe):
+        for section in (self.model, self.stream, self.train, self.eval, self.observe, self.time):
             section.validate()
         check_integer("seed", self.seed, 0)
         from clipcl.strategies import STRATEGIES, strategy_config
@@ -354,7 +319,7 @@ class RunConfig:
         strategy_config(self.strategy)
         # A method trains on labelled batches, caption batches or both (Strategy.batch_kinds): say so
         # now, not at the first training step.
-        kind = "captions" if self.stream.protocol in ("captions", "languages") else "labels"
+        kind = "captions" if self.stream.protocol in ("captions", "languages", "time") else "labels"
         name = self.strategy.get("name")
         if kind not in STRATEGIES[name].batch_kinds:
             able = ", ".join(key for key, cls in STRATEGIES.items() if kind in cls.batch_kinds)

@@ -3,7 +3,9 @@
 A shard is a plain (uncompressed) tar; a sample is the members sharing a key (the member name up to
 the first dot of its last path part, as webdataset groups them): an image (``jpg``, ``jpeg``, ``png``
 or ``webp``) and a caption, the ``txt`` member's text or a ``json`` member's ``caption`` (else
-``text``) field; a list of captions gives one row each, all of the same image. clipcl's samplers pick
+``text``) field; a list of captions gives one row each, all of the same image. With a
+``timestamp_key``, each sample's ``json`` member must hold that field (a number, or an ISO date read as
+its year; TiC-DataComp keeps its metadata there), which becomes the image's ``timestamps`` entry. clipcl's samplers pick
 rows by index, so the shards are not streamed: their members are indexed once with :mod:`tarfile`
 (offset and size of each) and read by offset. Compressed shards (``.tar.gz``) cannot be read that way
 and are refused.
@@ -58,9 +60,15 @@ class WebDatasetShards(CaptionPairs):
     so when its row is read.
     """
 
-    def __init__(self, pattern: str | Path, name: str | None = None) -> None:
+    def __init__(self, pattern: str | Path, name: str | None = None, timestamp_key: str | None = None,
+                 keep=None) -> None:
+        """``keep(image key)`` False: the sample is counted in ``skipped`` and neither read nor indexed
+        (a streamed time step indexes only its held-out samples, :mod:`clipcl.data.shard_stream`)."""
         self.shards = shard_paths(pattern)
+        self.keep, self.skipped = keep, 0
         self.name = name or str(pattern)
+        self.timestamp_key = timestamp_key
+        self.timestamps = [] if timestamp_key else None
         self.captions, self.image_ids, self.image_keys = [], [], []
         self.translations = {}
         self._members: list[tuple[int, int, int]] = []  # per image: shard index, data offset, size
@@ -81,7 +89,12 @@ class WebDatasetShards(CaptionPairs):
                     key, extension = _split_name(member.name)
                     samples.setdefault(key, {})[extension] = member
                 for key, members in samples.items():
+                    if self.keep is not None and not self.keep(f"{shard.name}:{key}"):
+                        self.skipped += 1
+                        continue
                     captions = self._captions(archive, shard, key, members)
+                    if self.timestamp_key:
+                        self.timestamps.append(self._timestamp(archive, shard, key, members))
                     image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
                     if image is None:
                         raise DataError(f"webdataset shard {shard}: sample {key} has no image "
@@ -114,6 +127,19 @@ class WebDatasetShards(CaptionPairs):
             raise DataError(f"{where} has an empty caption")
         return [text.strip() for text in texts]
 
+    def _timestamp(self, archive: tarfile.TarFile, shard: Path, key: str, members: dict[str, tarfile.TarInfo]) -> float:
+        where = f"webdataset shard {shard}: sample {key}"
+        record = None
+        if "json" in members:
+            try:
+                record = json.loads(_read_text(archive, members["json"], where))
+            except json.JSONDecodeError:
+                raise DataError(f"{where}: its .json is not valid JSON") from None
+        if not isinstance(record, dict) or self.timestamp_key not in record:
+            raise DataError(f"{where} has no timestamp (a .json member with a {self.timestamp_key!r} field; "
+                            "time.timestamp_key names the field)")
+        return parse_timestamp(record[self.timestamp_key], where)
+
     def _read_member(self, image_id: int) -> bytes:
         shard_index, offset, size = self._members[image_id]
         with open(self.shards[shard_index], "rb") as file:
@@ -145,13 +171,33 @@ class WebDatasetShards(CaptionPairs):
             digest.update(hashlib.sha256(self._read_member(image_id)).digest())
         sizes = text_digest([str(size) for _, _, size in self._members])
         keys = text_digest([key.partition(":")[2] for key in self.image_keys])
+        times = "" if self.timestamps is None else f"/times={text_digest([f'{t:g}' for t in self.timestamps])}"
         return (f"webdataset/n={len(self)}/images={digest.hexdigest()[:16]}/sizes={sizes}/keys={keys}/"
-                f"captions={text_digest(self.captions)}/ids={text_digest([str(i) for i in self.image_ids])}")
+                f"captions={text_digest(self.captions)}/ids={text_digest([str(i) for i in self.image_ids])}{times}")
 
     def local_stamp(self) -> str:
         if self._stamp is None:
             self._stamp = files_stamp(self.shards)
         return self._stamp
+
+
+def parse_timestamp(value, where: str) -> float:
+    """A timestamp as a number: a number as it is, ``"2014"`` or an ISO date (``2014-06-01``, with or
+    without a time) as its year. Anything else is a DataError naming ``where``."""
+    import math
+    import re
+
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d{4})(-\d{2}(-\d{2}([T ].*)?)?)?\s*", value)
+        if match:
+            return float(match.group(1))
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise DataError(f"{where}: timestamp {value!r} is neither a number nor an ISO date")
 
 
 def _read_text(archive: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> str:

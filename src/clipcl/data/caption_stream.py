@@ -18,8 +18,9 @@ import numpy as np
 from clipcl.data.base import DataError
 
 CAPTION_PROTOCOL = "captions"
-CAPTION_PROTOCOLS = ("captions", "languages")
-"""Protocols whose tasks are image-caption pairs measured by retrieval (languages: clipcl.data.languages)."""
+CAPTION_PROTOCOLS = ("captions", "languages", "time")
+"""Protocols whose tasks are image-caption pairs measured by retrieval (languages: clipcl.data.languages,
+time: clipcl.data.time_stream)."""
 MATRIX_MEASURE = "mean R@1"
 """What a caption stream's matrix holds: the mean of image->text and text->image R@1 (in %)."""
 

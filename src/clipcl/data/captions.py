@@ -50,6 +50,8 @@ class CaptionPairs:
     image_keys: list[str]
     categories: list[str] | None = None
     translations: dict[str, list[str | None]]
+    timestamps: list[float] | None = None
+    """Per image (image-id order), when the set has them: when it was made (a year, for time streams)."""
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -116,6 +118,7 @@ class SelectedImages(CaptionPairs):
         self.image_ids = [new_id[base.image_ids[row]] for row in self.rows]
         self.image_keys = [base.image_keys[position] for position in chosen]
         self.categories = None if base.categories is None else [base.categories[p] for p in chosen]
+        self.timestamps = None if base.timestamps is None else [base.timestamps[p] for p in chosen]
         self.translations = {language: [texts[row] for row in self.rows]
                              for language, texts in base.translations.items()}
 
@@ -272,7 +275,8 @@ def _read_karpathy(path: Path, split: str | None) -> list[tuple[str, str]]:
                         ) from None
 
 
-def load_caption_set(name: str, split: str = "all", root: str | None = None) -> CaptionPairs:
+def load_caption_set(name: str, split: str = "all", root: str | None = None,
+                     timestamp_key: str | None = None) -> CaptionPairs:
     """A caption set by name: ``tuxpaint``, ``openclipart``, ``emoji`` (:mod:`clipcl.data.emoji`), a
     caption file or webdataset shards.
 
@@ -281,7 +285,7 @@ def load_caption_set(name: str, split: str = "all", root: str | None = None) -> 
     image-level split). A ``.json`` Karpathy file keeps the images of ``split`` (``all``: every image);
     ``.csv`` / ``.tsv`` / ``.jsonl`` files and webdataset shards (``x.tar``, ``x-{000..009}.tar`` or a
     folder of ``.tar``) have no splits and ignore it. A relative path that does not exist is looked up
-    under ``root``.
+    under ``root``. ``timestamp_key``: the shards' ``json`` field holding each sample's timestamp.
     """
     from clipcl.data.drawings import OpenClipart, TuxPaintStamps, debian_drawings_root
 
@@ -303,7 +307,7 @@ def load_caption_set(name: str, split: str = "all", root: str | None = None) -> 
     if lowered.endswith(".tar") or path.is_dir():
         from clipcl.data.caption_shards import WebDatasetShards
 
-        return WebDatasetShards(path if "{" not in name else name)
+        return WebDatasetShards(path if "{" not in name else name, timestamp_key=timestamp_key)
     raise DataError(f"unknown caption set {name!r}: use tuxpaint, openclipart, a caption file "
                     f"({', '.join(CAPTION_FILE_SUFFIXES)}) or webdataset shards (.tar, a brace pattern "
                     "such as shard-{000000..000009}.tar, or a folder of .tar)")

@@ -12,8 +12,8 @@ Three Debian packages hold real data about every emoji:
 
 :class:`EmojiNames` is one row per emoji that has an English name: the caption is the English name
 (``caption: name``) or the name and keywords (``caption: keywords``), ``translations`` hold every
-other locale's name, ``versions`` the Emoji version per row (CLL-CLIP's languages and TiC-CLIP's time
-steps both read it). The split is fixed: 20% of emoji, by a hash of the code points, are test.
+other locale's name, ``versions`` the Emoji version per row and ``timestamps`` its release year
+(:data:`RELEASE_YEARS`; TiC-CLIP's time steps read them). The split is fixed: 20% of emoji, by a hash of the code points, are test.
 Glyphs are rendered on first read and cached as PNG under ``cache_dir``.
 """
 
@@ -38,6 +38,11 @@ LINE = re.compile(r"^([0-9A-F ]+?)\s*;\s*fully-qualified\s*#\s*\S+\s+E(\d+\.\d+)
 VARIATION_SELECTOR = "\ufe0f"
 GLYPH_SIZE = 109  # the only size of NotoColorEmoji's bitmaps
 CAPTIONS = ("name", "keywords")
+RELEASE_YEARS = {0.6: 2010, 0.7: 2014, 1.0: 2015, 2.0: 2015, 3.0: 2016, 4.0: 2016, 5.0: 2017, 11.0: 2018, 12.0: 2019,
+                 12.1: 2019, 13.0: 2020, 13.1: 2020, 14.0: 2021, 15.0: 2022, 15.1: 2023, 16.0: 2024}
+"""The year each Emoji version was released (E0.6 and E0.7 are the emoji of Unicode 6.0, 2010, and 7.0,
+2014, numbered so by emoji-test.txt; later versions are Unicode's Emoji releases): the time streams'
+timestamps (``timestamps``, one per emoji)."""
 
 
 def read_emoji_test(path: Path) -> list[tuple[str, float, str, str]]:
@@ -96,7 +101,7 @@ class EmojiNames(CaptionPairs):
 
     def __init__(self, emoji_test: str | Path = DEBIAN["emoji_test"], cldr: str | Path = DEBIAN["cldr"],
                  font: str | Path | None = DEBIAN["font"], split: str = "all", image_size: int = 224,
-                 caption: str = "name", cache_dir: str | Path | None = None) -> None:
+                 caption: str = "name", cache_dir: str | Path | None = None, translations: bool = True) -> None:
         if split not in ("train", "test", "all"):
             raise DataError(f"emoji: split must be train, test or all, got {split!r}")
         if caption not in CAPTIONS:
@@ -116,6 +121,11 @@ class EmojiNames(CaptionPairs):
             raise DataError(f"emoji: no named emoji in the {split} split")
         self.emoji = [emoji for emoji, _, _ in rows]
         self.versions = [version for _, version, _ in rows]
+        unknown = sorted({version for version in self.versions if version not in RELEASE_YEARS})
+        if unknown:
+            raise DataError(f"emoji: {self.emoji_test} has Emoji version E{unknown[0]}, whose release year clipcl "
+                            "does not know (clipcl.data.emoji.RELEASE_YEARS)")
+        self.timestamps = [float(RELEASE_YEARS[version]) for version in self.versions]
         self.groups = [group for _, _, group in rows]
         keys = [emoji.replace(VARIATION_SELECTOR, "") for emoji in self.emoji]
         self.captions = [english[key][0] if caption == "name" else ", ".join([english[key][0], *english[key][1]])
@@ -125,7 +135,7 @@ class EmojiNames(CaptionPairs):
         self.image_keys = ["-".join(f"{ord(character):x}" for character in emoji) for emoji in self.emoji]
         self.categories = self.groups
         self.translations = {}
-        for locale in locales(self.cldr):
+        for locale in locales(self.cldr) if translations else []:  # time streams read English only
             if locale == "en":
                 continue
             named = read_annotations(self.cldr, locale)
@@ -165,20 +175,23 @@ class EmojiNames(CaptionPairs):
         translated = [f"{locale}\t{text}" for locale in sorted(self.translations)
                       for text in self.translations[locale] if text is not None]
         return (f"emoji/{self.split}/size={self.image_size}/n={len(self)}/font={font}/"
-                f"captions={text_digest(self.captions)}/translations={text_digest(translated)}")
+                f"captions={text_digest(self.captions)}/translations={text_digest(translated)}/"
+                f"years={text_digest([f'{year:g}' for year in self.timestamps])}")
 
     def local_stamp(self) -> str:
         return files_stamp([self.emoji_test, *(path for path in [self.font_path] if path is not None)])
 
 
-def load_emoji(split: str, root: str | None = None) -> EmojiNames:
+def load_emoji(split: str, root: str | None = None, translations: bool = True) -> EmojiNames:
     """The emoji set: ``<root>/emoji`` (``emoji-test.txt``, ``cldr/annotations``, optionally
-    ``NotoColorEmoji.ttf``) when it exists, else the Debian files."""
+    ``NotoColorEmoji.ttf``) when it exists, else the Debian files. ``translations`` False reads the
+    English names only (every other locale's file is skipped: a second, not 40)."""
     folder = Path(root) / "emoji" if root else None
     if folder is not None and (folder / "emoji-test.txt").is_file():
         font = folder / "NotoColorEmoji.ttf"
-        return EmojiNames(folder / "emoji-test.txt", folder / "cldr", font if font.is_file() else DEBIAN["font"], split)
-    return EmojiNames(split=split)
+        return EmojiNames(folder / "emoji-test.txt", folder / "cldr", font if font.is_file() else DEBIAN["font"], split,
+                          translations=translations)
+    return EmojiNames(split=split, translations=translations)
 
 
 __all__ = ["DEBIAN", "EmojiNames", "load_emoji", "read_annotations", "read_emoji_test"]

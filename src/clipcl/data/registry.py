@@ -117,11 +117,15 @@ def _unknown(name: str) -> DataError:
                      f"stream orders: {', '.join(STREAM_ORDERS)}")
 
 
+def is_classification_dataset(name: str) -> bool:
+    """Whether ``name`` is a labelled dataset of the registry (not a caption set)."""
+    return (name.startswith(("synthetic-", IMAGEFOLDER_PREFIX)) or name in OFFLINE_DATASETS
+            or name in _torchvision_names())
+
+
 def check_dataset_names(names: Iterable[str]) -> None:
     """Refuse an unknown dataset name (stream orders expanded) without loading anything: a run checks
     its names before it spends time building the model."""
     for name in resolve_dataset_list(list(names)):
-        known = (name.startswith(("synthetic-", IMAGEFOLDER_PREFIX)) or name in OFFLINE_DATASETS
-                 or name in _torchvision_names())
-        if not known:
+        if not is_classification_dataset(name):
             raise _unknown(name)

@@ -190,10 +190,14 @@ class CaptionStreamImages(Dataset):
     (pixels, caption, image id, experience, English source caption or None), its augmentation seeded
     as :class:`StreamImages` does. The English source is a language stream's (``pairs.english``)."""
 
-    def __init__(self, datasets: dict[int, object], transform: Callable, load_pixels: bool = True) -> None:
+    def __init__(self, datasets: dict[int, object], transform: Callable, load_pixels: bool = True,
+                 distinct_ids: bool = False) -> None:
         self.datasets, self.transform, self.load_pixels = datasets, transform, load_pixels
         """``load_pixels`` False: items carry an empty pixel tensor and no image is read (a method that
         trains on precomputed image features, CLL-CLIP)."""
+        self.id_offset = 1 << 32 if distinct_ids else 0
+        """With ``distinct_ids`` (a batch mixing experiences: time streams) an image id is
+        ``experience * 2**32 + id``, so images of two experiences are never taken for one."""
 
     def __len__(self) -> int:
         return sum(len(dataset) for dataset in self.datasets.values())
@@ -203,13 +207,14 @@ class CaptionStreamImages(Dataset):
         pairs = self.datasets[experience]
         english = getattr(pairs, "english", None)
         english = None if english is None else english[row]
+        image_id = experience * self.id_offset + int(pairs.image_ids[row])
         if not self.load_pixels:
-            return torch.empty(0), pairs.captions[row], int(pairs.image_ids[row]), experience, english
+            return torch.empty(0), pairs.captions[row], image_id, experience, english
         image, caption = pairs[row]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(draw_seed(seed, draw))
             pixels = self.transform(image)
-        return pixels, caption, int(pairs.image_ids[row]), experience, english
+        return pixels, caption, image_id, experience, english
 
 
 def collate_captions(items: list[tuple]) -> dict:

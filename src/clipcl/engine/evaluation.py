@@ -169,6 +169,15 @@ def _captioned(pairs, name: str, memo: dict) -> CaptionedImages:
     return memo[name]
 
 
+def static_accuracy(context, held, batch_size: int) -> float:
+    """Zero-shot accuracy (%) on a labelled held-out set of a caption-like stream, in its own label space."""
+    from clipcl.eval.evaluator import count_correct
+
+    correct, total = count_correct(context.strategy, held.test, held.classes, held.target_of_label, None,
+                                   context.runtime, batch_size, context.cache, False)
+    return 100.0 * correct / total
+
+
 def evaluate_state(context, after_task: int, batch_size: int, workers: int = 0) -> dict[str, Any]:
     """Everything measured at one model state (``after_task`` -1: before training): ``row``,
     ``heldout``, ``retrieval`` (by set), ``alignment`` (by set; empty with ``eval.alignment`` off) and
@@ -186,6 +195,9 @@ def evaluate_state(context, after_task: int, batch_size: int, workers: int = 0) 
         row, heldout = [], []
         for key, pairs, scores in ([(f"task/{task.name}", task.test, row) for task in stream.tasks]
                                    + [(f"held-out/{held.name}", held.test, heldout) for held in stream.heldout]):
+            if hasattr(pairs, "labels"):  # a time stream's static classification task (a labelled set)
+                scores.append(static_accuracy(context, stream.heldout[len(scores)], batch_size))
+                continue
             captioned = _captioned(pairs, key, memo)
             recalls, images, texts = retrieval_with_features(strategy, captioned, batch_size, image_memo=image_memo)
             scores.append(matrix_entry(stream.protocol, recalls))

@@ -41,6 +41,7 @@ from clipcl.data.base import SubsetDataset
 from clipcl.data.online import a_last, anytime_accuracy_auc
 from clipcl.data.online_stream import ONLINE_PROTOCOL, Arrivals
 from clipcl.engine.batches import OnlineChunks, PlanSampler, StreamImages, collate_plan
+from clipcl.engine.compute import Compute, measuring, per_task_compute
 from clipcl.engine.context import RunContext, RunError, host_facts, run_facts, write_results
 from clipcl.engine.evaluation import labelled_set
 from clipcl.engine.trainer import ExperienceStats, grouped, grouped_views
@@ -218,7 +219,7 @@ def run_online_stream(context: RunContext, stop_after_samples: int | None) -> di
         progress = {"protocol": ONLINE_PROTOCOL, "config_digest": fingerprint_digest(context.fingerprint),
                     "data": context.data, "chunks": 0, "samples": [], "accuracy": [], "periodic": [], "arrivals": [],
                     "train_seconds": 0.0, "eval_seconds": 0.0, "steps": 0, "examples": 0, "losses": [],
-                    "next_eval": period, "forward_calls": 0,
+                    "next_eval": period, "forward_calls": 0, "compute": Compute().as_dict(), "samples_trained": [],
                     # eval.zero_shot_row=false: nothing is measured before training
                     "heldout_zero_shot": heldout_accuracies(context, -1) if config.eval.zero_shot_row else None,
                     "alignment_zero_shot": None}
@@ -229,7 +230,11 @@ def run_online_stream(context: RunContext, stop_after_samples: int | None) -> di
                                   str(_model_path(context, progress["chunks"])) if resumed else None,
                                   global_step=progress["steps"])
 
-    strategy.before_task(arrivals.task)
+    # This process's spending so far (a resumed run's, as its checkpoint saved them; every process
+    # trains an equal block of each chunk, so the main process's counts are every process's).
+    compute = Compute.from_dict(progress.get("compute", {}))
+    with measuring(Compute() if resumed else compute):  # a resumed run's counts hold this call already
+        strategy.before_task(arrivals.task)
     schedule = train_config.lr_schedule or "constant"
     trains = trainer.begin(max(1, -(-len(chunks) // accumulation) * train_config.online_iter), schedule)
     if trains and context.step_sources:
@@ -275,11 +280,12 @@ def run_online_stream(context: RunContext, stop_after_samples: int | None) -> di
             if arrivals.add(labels):
                 strategy.on_new_classes(arrivals.task)
 
-        if trains:
-            trainer.train_groups([group], arrivals.task, stats, repeats=train_config.online_iter,
-                                 before_group=register_arrivals, views=views > 1)
-        else:
-            register_arrivals(group)
+        with measuring(compute):
+            if trains:
+                trainer.train_groups([group], arrivals.task, stats, repeats=train_config.online_iter,
+                                     before_group=register_arrivals, views=views > 1)
+            else:
+                register_arrivals(group)
         progress["train_seconds"] += time.perf_counter() - started
         seen = min(consumed * train_config.batch_size, len(order))
         if seen >= progress["next_eval"] or seen == len(order):
@@ -287,6 +293,7 @@ def run_online_stream(context: RunContext, stop_after_samples: int | None) -> di
             progress["periodic"].append(seen >= progress["next_eval"])
             progress["samples"].append(seen)
             progress["accuracy"].append(anytime_accuracy(context, arrivals))
+            progress.setdefault("samples_trained", []).append(stats.examples)
             progress["eval_seconds"] += time.perf_counter() - started
             context.observers.evaluated("anytime", trainer.global_step, {"accuracy": progress["accuracy"][-1]})
             while progress["next_eval"] <= seen:
@@ -294,13 +301,16 @@ def run_online_stream(context: RunContext, stop_after_samples: int | None) -> di
             if seen < len(order):
                 progress.update(chunks=consumed, arrivals=list(arrivals.seen_labels), steps=stats.steps,
                                 examples=stats.examples, losses=stats.losses[:1] + stats.losses[-1:],
-                                forward_calls=trainer.forward_calls)
+                                forward_calls=trainer.forward_calls, compute=compute.as_dict())
                 save_online(context, progress, consumed)
                 if stop_after_samples is not None and seen >= stop_after_samples:
                     return {"interrupted": True, "progress": progress}
     for source in context.step_sources.values():
         source.stop()
-    strategy.after_task(arrivals.task)
+    with measuring(compute):
+        strategy.after_task(arrivals.task)
+    compute.samples_seen, compute.optimizer_steps = stats.examples, stats.steps
+    progress["compute"] = compute.summed(context.runtime).as_dict()
     context.observers.experience_finished("online", 0, {
         "steps": stats.steps, **({"first_loss": stats.first_loss, "last_loss": stats.last_loss} if stats.losses else {})})
     heldout_after = heldout_accuracies(context, 0)
@@ -347,6 +357,7 @@ def online_results(context: RunContext, progress: dict, stats: ExperienceStats, 
         "data": context.data,
         "seed": config.seed,
         "anytime": {"samples": progress["samples"], "accuracy": progress["accuracy"], "periodic": progress["periodic"],
+                    "samples_trained": progress.get("samples_trained", []),
                     "unit": "percent", "eval_period": config.eval.eval_period},
         "stream": {"samples": len(stream.train), "classes": len(stream.classes),
                    "disjoint_classes": [stream.classes[c].name for c in stream.order.disjoint_classes],
@@ -360,6 +371,7 @@ def online_results(context: RunContext, progress: dict, stats: ExperienceStats, 
                       "definitions": "docs/metrics.md#image-text-alignment"},
         "timing": {"train_seconds": progress["train_seconds"], "eval_seconds": progress["eval_seconds"],
                    "train_steps": stats.steps, "train_examples": stats.examples},
+        "compute": per_task_compute([progress["compute"]], [progress["train_seconds"]], [progress["eval_seconds"]]),
         "losses_first_last": [stats.first_loss, stats.last_loss],
         "parameters": facts["parameters"],
         "config": facts["config"],

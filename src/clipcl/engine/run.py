@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from clipcl.checkpoint import atomic_write_text, fingerprint_digest, snapshot_state
-from clipcl.config import RunConfig, config_fingerprint, to_dict
+from clipcl.config import ConfigError, RunConfig, config_fingerprint, to_dict
 from clipcl.data.base import DataError
 from clipcl.engine.context import (
     RunContext,
@@ -32,7 +32,14 @@ from clipcl.engine.context import (
 )
 from clipcl.engine.online import run_online_stream
 from clipcl.engine.run_folder import MARKER_NAME, RunLock, previous_run, replace_outputs, write_marker
-from clipcl.engine.runtime import DistributedRuntime, Runtime, free_port, pick_device, rendezvous_environment
+from clipcl.engine.runtime import (
+    DistributedRuntime,
+    Runtime,
+    free_port,
+    launched_processes,
+    pick_device,
+    rendezvous_environment,
+)
 from clipcl.engine.tasks import run_task_stream
 from clipcl.errors import UserError
 
@@ -74,6 +81,11 @@ def run_experiment(config: RunConfig, *, restart: bool = False, resume_from_inta
     interruption would (for tests).
     """
     config.validate()  # a field changed in place after loading fails here, before anything is built
+    launched = launched_processes()
+    if launched is not None:
+        return _launched(config, launched, restart=restart, resume_from_intact=resume_from_intact,
+                         show_progress=show_progress, stop_after_task=stop_after_task,
+                         stop_after_samples=stop_after_samples)
     directory = RunDirectory(config.output_dir)
     lock = RunLock(directory.root).acquire()  # held by this process until the run ends, however it ends
     try:
@@ -93,6 +105,43 @@ def run_experiment(config: RunConfig, *, restart: bool = False, resume_from_inta
     finally:
         # A run that failed before it wrote its marker wrote nothing: a folder made for it goes again.
         lock.release(wrote_nothing=not (directory.root / MARKER_NAME).exists())
+
+
+def _launched(config: RunConfig, launched: tuple[int, int, int], **kwargs) -> dict[str, Any]:
+    """This process as one of torchrun's (any number of machines and processes; ``env://``). The
+    world size is the launcher's: ``train.devices`` left at 1 takes it, another number must match.
+    Process 0 holds the folder's lock and writes; on several machines ``output_dir`` must be on a
+    filesystem they share (every process reads a resumed run's progress and checkpoint)."""
+    import dataclasses
+
+    rank, world_size, local_rank = launched
+    if config.train.devices not in (1, world_size):
+        raise ConfigError(f"train.devices={config.train.devices} but torchrun started {world_size} processes; "
+                          "leave train.devices at 1 (it takes torchrun's number) or make them agree")
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, devices=world_size))
+    directory = RunDirectory(config.output_dir)
+    lock = RunLock(directory.root).acquire() if rank == 0 else None
+    try:
+        runtime = DistributedRuntime(rank, world_size, pick_device(config.train.accelerator), config.train.precision,
+                                     local_rank=local_rank)
+        try:
+            previous = check_previous_run(directory, config, kwargs["restart"])
+            runtime.barrier()  # every process has read the folder before process 0 may change it
+            if previous and previous["finished"] and not kwargs["restart"]:
+                if rank == 0:
+                    print(f"{directory.root} holds this run, finished; its results are in {directory.results}",
+                          file=sys.stderr)
+                results = read_json_file(directory.results)
+            else:
+                results = _run(config, runtime, previous=previous, **kwargs)
+        except BaseException:
+            runtime.close(synchronise=False)
+            raise
+        runtime.close()
+        return results
+    finally:
+        if lock is not None:
+            lock.release(wrote_nothing=not (directory.root / MARKER_NAME).exists())
 
 
 def _spawn(config: RunConfig, **kwargs) -> dict[str, Any]:
@@ -149,6 +198,7 @@ def _run(config: RunConfig, runtime: Runtime, *, restart: bool, resume_from_inta
     from clipcl.data.online_stream import ONLINE_PROTOCOL, build_online_stream
     from clipcl.data.registry import check_dataset_names
     from clipcl.data.streams import build_stream
+    from clipcl.data.time_stream import TIME_PROTOCOL, build_time_stream
     from clipcl.engine.evaluation import AlignmentTracker
     from clipcl.engine.observers import build_observers
     from clipcl.engine.trainer import Trainer
@@ -173,6 +223,11 @@ def _run(config: RunConfig, runtime: Runtime, *, restart: bool, resume_from_inta
         stream = build_online_stream(config.stream, config.seed)
     elif config.stream.protocol == LANGUAGE_PROTOCOL:
         stream = build_language_stream(config.stream, config.seed)
+    elif config.stream.protocol == TIME_PROTOCOL:
+        from clipcl.engine.time_steps import check_budgets
+
+        stream = build_time_stream(config.stream, config.time, config.seed)
+        check_budgets(config, stream)
     elif config.stream.protocol == CAPTION_PROTOCOL:
         stream = build_caption_stream(config.stream, config.seed)
     else:

@@ -138,9 +138,13 @@ class Runtime:
 class DistributedRuntime(Runtime):
     """One of ``world_size`` processes joined by torch.distributed (gloo on CPU, nccl on GPU)."""
 
-    def __init__(self, rank: int, world_size: int, device: torch.device, precision: str = "fp32") -> None:
+    def __init__(self, rank: int, world_size: int, device: torch.device, precision: str = "fp32",
+                 local_rank: int | None = None) -> None:
+        """Joins the group through ``env://`` (MASTER_ADDR, MASTER_PORT: set by torchrun, or by
+        :func:`rendezvous_environment` for spawned workers). ``local_rank`` (torchrun's) picks the
+        GPU on a machine of several; default ``rank``."""
         if device.type == "cuda":
-            device = torch.device("cuda", rank % torch.cuda.device_count())
+            device = torch.device("cuda", (rank if local_rank is None else local_rank) % torch.cuda.device_count())
             torch.cuda.set_device(device)
         super().__init__(device, precision)
         self.rank = rank
@@ -195,6 +199,15 @@ class DistributedRuntime(Runtime):
             if synchronise:
                 dist.barrier()
             dist.destroy_process_group()
+
+
+def launched_processes() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when a launcher started this process as one of several (torchrun
+    on one or many machines: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), else None."""
+    world = os.environ.get("WORLD_SIZE")
+    if world is None or "RANK" not in os.environ or int(world) <= 1:
+        return None
+    return int(os.environ["RANK"]), int(world), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
 
 
 def free_port() -> int:

@@ -28,6 +28,7 @@ from clipcl.checkpoint import (
 from clipcl.config import to_dict
 from clipcl.data.caption_stream import CAPTION_PROTOCOLS
 from clipcl.data.streams import OPEN_DOMAIN_PROTOCOLS
+from clipcl.data.time_stream import TIME_PROTOCOL
 from clipcl.engine.batches import (
     CaptionStreamImages,
     GlobalBatchSampler,
@@ -36,6 +37,7 @@ from clipcl.engine.batches import (
     collate_captions,
     collate_plan,
 )
+from clipcl.engine.compute import Compute, measuring, per_task_compute
 from clipcl.engine.context import (
     RunContext,
     RunError,
@@ -46,6 +48,7 @@ from clipcl.engine.context import (
     write_results,
 )
 from clipcl.engine.evaluation import evaluate_state
+from clipcl.engine.time_steps import start_from_initial_weights, step_warmup, time_results, time_step_plans
 from clipcl.engine.trainer import ExperienceStats, grouped
 from clipcl.eval import metrics as metrics_module
 from clipcl.eval.evaluator import eval_batch_size
@@ -68,10 +71,16 @@ def train_task(context: RunContext, task, images: StreamImages) -> ExperienceSta
     """Train on one task. Call between ``before_task`` and ``after_task``."""
     config, trainer = context.config.train, context.trainer
     stats = ExperienceStats()
-    batches = task_batches(context, task)
+    time_stream = context.stream.protocol == TIME_PROTOCOL
+    if time_stream:  # drawn from the mode's pool, the budget's steps (clipcl.engine.time_steps)
+        batches = time_step_plans(context, task, task_seed(context.config.seed, task.index),
+                                  task_seed(context.config.seed, task.index))
+    else:
+        batches = task_batches(context, task)
     total_steps = max(1, len(batches) // config.grad_accumulation)
     steps_per_epoch = batches.batches_per_epoch / config.grad_accumulation
-    if not trainer.begin(total_steps, config.lr_schedule or "cosine", steps_per_epoch):
+    warmup = step_warmup(context.config.time, config, task.index) if time_stream else None
+    if not trainer.begin(total_steps, config.lr_schedule or "cosine", steps_per_epoch, warmup_steps=warmup):
         return stats
     for source in context.step_sources.values():
         if getattr(source, "follows_task", False):
@@ -80,11 +89,14 @@ def train_task(context: RunContext, task, images: StreamImages) -> ExperienceSta
         # and on every process.
         source.start(context.strategy.backend, int(torch.randint(0, 2**62, (1,)).item()), batches.per_process_batch)
     trainer.step_sources = context.step_sources
-    plans = PlanSampler(batches, task.index, task_seed(context.config.seed, task.index),
-                        getattr(task.train, "labels", None), context.memory)
-    collate = collate_captions if isinstance(images, CaptionStreamImages) else collate_plan
-    loader = DataLoader(images, batch_sampler=plans, num_workers=config.num_workers, collate_fn=collate,
-                        pin_memory=context.runtime.device.type == "cuda")
+    if hasattr(batches, "loader"):  # a streamed time step reads its shards itself
+        loader = batches.loader()
+    else:
+        plans = batches if time_stream else PlanSampler(batches, task.index, task_seed(context.config.seed, task.index),
+                                                        getattr(task.train, "labels", None), context.memory)
+        collate = collate_captions if isinstance(images, CaptionStreamImages) else collate_plan
+        loader = DataLoader(images, batch_sampler=plans, num_workers=config.num_workers, collate_fn=collate,
+                            pin_memory=context.runtime.device.type == "cuda")
     context.observers.experience_started(task.name, task.index, total_steps)
     trainer.train_groups(grouped(loader, config.grad_accumulation), task, stats, max_steps=total_steps)
     context.observers.experience_finished(task.name, task.index, {
@@ -102,8 +114,10 @@ def stream_images(context: RunContext) -> StreamImages | CaptionStreamImages:
     stream = context.stream
     transform = context.strategy.backend.train_preprocess
     if stream.protocol in CAPTION_PROTOCOLS:
+        # A time step's batches mix steps: image ids are made distinct across steps (positives stay right).
         return CaptionStreamImages({task.index: task.train for task in stream.tasks}, transform,
-                                   load_pixels=context.strategy.uses_training_images)
+                                   load_pixels=context.strategy.uses_training_images,
+                                   distinct_ids=stream.protocol == TIME_PROTOCOL)
     context.trainer.class_of = lambda experience, label: stream.tasks[experience].classes[
         stream.tasks[experience].target_of_label[label]]
     return StreamImages({task.index: task.train for task in stream.tasks}, transform)
@@ -120,7 +134,7 @@ def replan_memory(context: RunContext, completed: int) -> None:
 
 
 PER_TASK_PROGRESS = ("rows", "heldout_rows", "retrieval_rows", "alignment_rows", "train_seconds", "eval_seconds",
-                     "train_steps", "train_examples", "losses")
+                     "train_steps", "train_examples", "losses", "compute")
 """The progress lists with one entry per finished task."""
 
 
@@ -188,7 +202,7 @@ def run_task_stream(context: RunContext, stop_after_task: int | None) -> dict[st
                         completed_tasks=-1, zero_shot_row=row,
                         zero_shot_heldout=heldout, zero_shot_eval_seconds=seconds, rows=[], heldout_rows=[],
                         train_seconds=[], eval_seconds=[], train_steps=[], train_examples=[], losses=[],
-                        zero_shot_retrieval=retrieval, retrieval_rows=[], zero_shot_alignment=alignment,
+                        compute=[], zero_shot_retrieval=retrieval, retrieval_rows=[], zero_shot_alignment=alignment,
                         alignment_rows=[])
         if row is not None:
             context.observers.evaluated("row", 0, {f"task/{task.name}": value for task, value in zip(stream.tasks, row)})
@@ -197,9 +211,15 @@ def run_task_stream(context: RunContext, stop_after_task: int | None) -> dict[st
 
     for task in stream.tasks[completed + 1:]:
         seed_everything(task_seed(config.seed, task.index))
-        strategy.before_task(task)
-        stats = train_task(context, task, images)
-        strategy.after_task(task)
+        if stream.protocol == TIME_PROTOCOL:
+            start_from_initial_weights(context)  # restart / oracle only
+        compute = Compute()
+        with measuring(compute):  # the task's hooks spend too (a teacher's snapshot, a calibration)
+            strategy.before_task(task)
+            stats = train_task(context, task, images)
+            strategy.after_task(task)
+        compute.samples_seen, compute.optimizer_steps = stats.examples, stats.steps
+        compute = compute.summed(runtime)
         state = evaluate_state(context, task.index, batch_size, workers)
         row, heldout, eval_seconds = state["row"], state["heldout"], state["seconds"]
         step = context.trainer.global_step
@@ -218,6 +238,7 @@ def run_task_stream(context: RunContext, stop_after_task: int | None) -> dict[st
         progress["train_steps"].append(stats.steps)
         progress["train_examples"].append(stats.examples)
         progress["losses"].append([stats.first_loss, stats.last_loss])
+        progress.setdefault("compute", []).append(compute.as_dict())
         progress["completed_tasks"] = task.index
         if runtime.is_main:
             # Checkpoint first, progress second: progress never points at a checkpoint not yet written.
@@ -249,7 +270,7 @@ def build_results(context: RunContext, progress: dict[str, Any]) -> dict[str, An
     matrix = progress["rows"]
     metrics = metrics_module.all_metrics(matrix, task_sizes, class_incremental=stream.protocol == "class_incremental",
                                          open_domain=stream.protocol in OPEN_DOMAIN_PROTOCOLS,
-                                         languages=stream.protocol == "languages")
+                                         languages=stream.protocol == "languages", time=stream.protocol == TIME_PROTOCOL)
     heldout_names = [held.name for held in stream.heldout]
     zero_shot_heldout = progress["zero_shot_heldout"]  # None with eval.zero_shot_row=false
     if heldout_names:
@@ -320,6 +341,8 @@ def build_results(context: RunContext, progress: dict[str, Any]) -> dict[str, An
             "train_steps": progress["train_steps"],
             "train_examples": progress["train_examples"],
         },
+        "compute": per_task_compute(progress.get("compute", []), progress["train_seconds"], progress["eval_seconds"]),
+        **({"time": time_results(context)} if stream.protocol == TIME_PROTOCOL else {}),
         "losses_first_last": progress["losses"],
         "parameters": facts["parameters"],
         "config": facts["config"],

@@ -85,9 +85,11 @@ class Trainer:
         self.class_of = None
 
     # --- an experience ------------------------------------------------------------------------
-    def begin(self, total_steps: int, schedule: str = "cosine", steps_per_epoch: float | None = None) -> bool:
+    def begin(self, total_steps: int, schedule: str = "cosine", steps_per_epoch: float | None = None,
+              warmup_steps: int | None = None) -> bool:
         """A fresh optimizer and schedule; False when the method has nothing to train.
-        ``steps_per_epoch`` (optimizer steps) places the cuts of the ``step`` schedule."""
+        ``steps_per_epoch`` (optimizer steps) places the cuts of the ``step`` schedule; ``warmup_steps``
+        replaces ``train.warmup_steps`` for this experience (a time stream's first step)."""
         self.parameters = self.strategy.trainable_parameters()
         self.optimizer = self.scheduler = None
         if not self.parameters:
@@ -110,8 +112,9 @@ class Trainer:
                 raise ConfigError("train.lr_schedule=step cuts the rate every few epochs; an online stream "
                                   "has no epochs (use cosine or constant)")
             step_size = max(1, round(config.lr_step_epochs * steps_per_epoch))
+        warmup = config.warmup_steps if warmup_steps is None else warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: learning_rate_factor(step, total, config.warmup_steps, schedule,
+            self.optimizer, lambda step: learning_rate_factor(step, total, warmup, schedule,
                                                               step_size, config.lr_step_gamma))
         begin_training = getattr(self.strategy, "begin_training", None)  # a Strategy hook; test doubles lack it
         if begin_training is not None:

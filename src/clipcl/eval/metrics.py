@@ -166,11 +166,23 @@ def retrieval_change(before: dict[str, dict[str, float]], after: dict[str, dict[
     return results
 
 
+def dynamic_transfer(matrix) -> dict[str, float]:
+    """TiC-CLIP's summary of the dynamic matrix (row: step trained, column: step evaluated): the mean
+    of the diagonal (in-distribution), of the entries below it (backward transfer: older steps) and
+    above it (forward transfer: steps not trained on yet; NaN with one step)."""
+    values = as_matrix(matrix)
+    below, above = np.tril_indices(len(values), -1), np.triu_indices(len(values), 1)
+    return {"dynamic_in_distribution": float(np.mean(np.diag(values))),
+            "dynamic_backward": float(np.mean(values[below])) if len(below[0]) else float("nan"),
+            "dynamic_forward": float(np.mean(values[above])) if len(above[0]) else float("nan")}
+
+
 def all_metrics(matrix, task_sizes: Sequence[int] | None = None, class_incremental: bool = False,
-                open_domain: bool = False, languages: bool = False) -> dict[str, float]:
+                open_domain: bool = False, languages: bool = False, time: bool = False) -> dict[str, float]:
     """Every matrix metric in one dict (keys: transfer, avg, last, bwt, forgetting[, avg_incremental]
     [, seen_avg with ``open_domain``][, CLL-CLIP's aa, f, fen with ``languages``: AA is Last, F is
-    forgetting (gather.py:163-176 read the same entries), Fen :func:`english_forgetting`, English the first task])."""
+    forgetting (gather.py:163-176 read the same entries), Fen :func:`english_forgetting`, English the first task]
+    [, TiC-CLIP's :func:`dynamic_transfer` with ``time``])."""
     metrics = {
         "transfer": transfer(matrix),
         "avg": average(matrix),
@@ -184,6 +196,8 @@ def all_metrics(matrix, task_sizes: Sequence[int] | None = None, class_increment
         metrics["seen_avg"] = seen_average(matrix)
     if languages:
         metrics.update(aa=metrics["last"], f=metrics["forgetting"], fen=english_forgetting(matrix))
+    if time:
+        metrics.update(dynamic_transfer(matrix))
     return metrics
 
 

@@ -33,8 +33,12 @@ import torch
 from torch import nn
 
 from clipcl.config.schema import ConfigError
+from clipcl.engine.compute import counted
 
 TOWERS = ("image", "text")
+COUNTED_ENCODERS = {"encode_image": "image", "encode_image_with_task_prompts": "image", "encode_text": "text",
+                    "encode_text_embeddings": "text"}
+"""The encoders whose calls count tower passes (:mod:`clipcl.engine.compute`), by tower."""
 
 
 @dataclass
@@ -72,6 +76,15 @@ class Backend(nn.Module):
     #: Default module-name patterns per adaptation kind (``lora``, ``adapter``) and tower, over the
     #: backend's own module names; each backend fills in its table.
     ADAPTATION_TARGETS: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every backend's encoders count the samples they encode, teachers' copies included, without
+        # each backend remembering to (compute accounting, clipcl.engine.compute).
+        super().__init_subclass__(**kwargs)
+        for name, tower in COUNTED_ENCODERS.items():
+            method = cls.__dict__.get(name)
+            if method is not None and not hasattr(method, "counts_tower"):
+                setattr(cls, name, counted(tower, method))
 
     def __init__(self) -> None:
         super().__init__()
@@ -260,6 +273,10 @@ class Backend(nn.Module):
 
 
 # --- site helpers shared by backends (they name architectures, so they live on the backend side) -------
+
+
+for _name, _tower in COUNTED_ENCODERS.items():  # the base class's own encoders (encode_text_embeddings)
+    setattr(Backend, _name, counted(_tower, Backend.__dict__[_name]))
 
 
 def is_bert_layer(block: nn.Module) -> bool:
