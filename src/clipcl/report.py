@@ -100,6 +100,8 @@ def run_summary_markdown(results: dict[str, Any]) -> str:
         "",
         ("Mean R@1 (%) of image->text and text->image retrieval on each phase's test pairs; rows are the model "
          "after training each phase." if results.get("protocol") == "captions" else
+         "The dynamic matrix: mean R@1 (%) of image->text and text->image retrieval on each time step's held-out "
+         "pairs; rows are the model after training each step (TiC-CLIP)." if results.get("protocol") == "time" else
          "r_mean (%): the mean of R@1, R@5 and R@10, image->text and text->image, on the test images captioned "
          "in each language; rows are the model after training each language." if results.get("protocol") == "languages" else
          "Accuracy (%) of each task's test images, per image; rows are the model after training each task."),
@@ -353,7 +355,8 @@ def plot_run(results: dict[str, Any], directory: str | Path) -> list[Path]:
             axes.text(c, r, _number(float(matrix[r, c])), ha="center", va="center",
                       color="white" if matrix[r, c] < 60 else "black", fontsize=8)
     axes.set_xlabel("evaluated on task")
-    measure = {"captions": "mean R@1 (%)", "languages": "r_mean (%)"}.get(results.get("protocol"), "accuracy (%)")
+    measure = {"captions": "mean R@1 (%)", "time": "mean R@1 (%)", "languages": "r_mean (%)"}.get(
+        results.get("protocol"), "accuracy (%)")
     axes.set_title(f"{results['name']}: {measure}")
     figure.colorbar(image, ax=axes, fraction=0.04)
     figure.tight_layout()
