@@ -125,7 +125,7 @@ def main() -> None:
     started, records = time.perf_counter(), []
     for seed in seeds:
         for mode in modes:
-            identity = {key: value for key, value in to_dict(run_config(arguments, mode, seed, "-")).items()
+            identity = {key: value for key, value in to_dict(run_config(arguments, mode, seed, "identity")).items()
                         if key not in ("output_dir", "observe")}
             record = cached_record(Path(arguments.output_dir) / mode / f"seed{seed}.json",
                                    partial(measure, arguments, mode, seed), identity)
