@@ -93,6 +93,13 @@ def streamed_pairs(shards: list[Path], step: int, rank: int, world_size: int, se
     return dataset.select(kept).shuffle(1000, seed=seed).map(item).repeat()
 
 
+def check_readers(shards: int, step: str, processes: int, workers: int) -> None:
+    """One DataError line unless every process x loader worker gets a shard of its own."""
+    if shards < processes * max(1, workers):
+        raise DataError(f"time.streaming: step {step} has {shards} shard(s); each of the {processes} process(es) "
+                        f"x {max(1, workers)} loader worker(s) needs one of its own")
+
+
 def streamed_loader(pool: list[list[Path]], step: int, runtime, seed: int, transform, held_out, batch_size: int,
                     micro_batches: int, workers: int):
     """``micro_batches`` caption micro-batches of ``batch_size // world_size`` for this process, streamed from
@@ -100,10 +107,7 @@ def streamed_loader(pool: list[list[Path]], step: int, runtime, seed: int, trans
     from clipcl.engine.batches import collate_captions
 
     shards = [path for step_shards in pool for path in step_shards]
-    readers = runtime.world_size * max(1, workers)
-    if len(shards) < readers:
-        raise DataError(f"time.streaming: step {step} draws from {len(shards)} shards; each of the "
-                        f"{runtime.world_size} process(es) x {max(1, workers)} loader worker(s) needs one of its own")
+    check_readers(len(shards), str(step), runtime.world_size, workers)
     pairs = streamed_pairs(shards, step, runtime.rank, runtime.world_size, seed, transform, held_out)
     batches = pairs.batched(batch_size // runtime.world_size, collation_fn=collate_captions, partial=False)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers)

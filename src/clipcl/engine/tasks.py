@@ -73,8 +73,7 @@ def train_task(context: RunContext, task, images: StreamImages) -> ExperienceSta
     stats = ExperienceStats()
     time_stream = context.stream.protocol == TIME_PROTOCOL
     if time_stream:  # drawn from the mode's pool, the budget's steps (clipcl.engine.time_steps)
-        batches = time_step_plans(context, task, task_seed(context.config.seed, task.index),
-                                  task_seed(context.config.seed, task.index))
+        batches = time_step_plans(context, task, task_seed(context.config.seed, task.index))
     else:
         batches = task_batches(context, task)
     total_steps = max(1, len(batches) // config.grad_accumulation)

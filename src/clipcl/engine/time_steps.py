@@ -127,8 +127,9 @@ def pool_sizes(context) -> list[int]:
     return [len(step.train) for step in context.stream.tasks]
 
 
-def time_step_plans(context, task, seed: int, augmentation_seed: int) -> TimeStepPlans | StreamedStep:
-    """The plans of ``task`` (a time step) under the run's ``time`` section."""
+def time_step_plans(context, task, seed: int) -> TimeStepPlans | StreamedStep:
+    """The plans of ``task`` (a time step) under the run's ``time`` section; ``seed`` (the task's) seeds
+    the draws and the augmentations."""
     config = context.config
     sizes = pool_sizes(context)
     pool = step_pool(sizes, task.index, config.time.mode, config.time.buffer_size, config.seed)
@@ -136,7 +137,7 @@ def time_step_plans(context, task, seed: int, augmentation_seed: int) -> TimeSte
     if config.time.streaming:
         return StreamedStep(context, task, pool, steps * config.train.grad_accumulation, seed)
     return TimeStepPlans(pool, steps * config.train.grad_accumulation, config.train.batch_size, seed,
-                         augmentation_seed, context.runtime.rank, context.runtime.world_size)
+                         seed, context.runtime.rank, context.runtime.world_size)
 
 
 def check_budgets(config, stream) -> None:
@@ -144,14 +145,10 @@ def check_budgets(config, stream) -> None:
     for step in stream.tasks:
         budget_steps(config.time, config.train, step.index, len(step.train))
     if config.time.streaming and config.strategy.get("name") != "zero_shot":
-        from clipcl.data.base import DataError
+        from clipcl.data.shard_stream import check_readers
 
-        readers = config.train.devices * max(1, config.train.num_workers)
         for step in stream.tasks:
-            if len(step.train.shards) < readers:
-                raise DataError(f"time.streaming: step {step.name} has {len(step.train.shards)} shard(s); each of "
-                                f"the {config.train.devices} process(es) x {max(1, config.train.num_workers)} loader "
-                                "worker(s) needs one of its own")
+            check_readers(len(step.train.shards), step.name, config.train.devices, config.train.num_workers)
 
 
 def step_warmup(time_config, train_config, step: int) -> int:
