@@ -68,3 +68,42 @@ def test_online_streams_refuse_the_step_schedule(tiny_run_config):
 
     with pytest.raises(ConfigError, match="^train.lr_schedule: step"):
         tiny_run_config(stream=ONLINE, train={"lr_schedule": "step"})
+
+
+def test_adam_moments_reach_the_optimizer():
+    config = TrainConfig(lr=0.01, adam_betas=[0.9, 0.98], adam_eps=1e-6, lr_schedule="constant")
+    assert config.adam_betas == [0.9, 0.98]
+    model = OneParameter()
+    trainer = Trainer(model, Runtime(torch.device("cpu")), config)
+    assert trainer.begin(3, "constant")
+    group = trainer.optimizer.param_groups[0]
+    assert group["betas"] == (0.9, 0.98) and group["eps"] == 1e-6
+    # The same torch AdamW on the same tensors in one process: the steps agree to the bit.
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    reference = torch.optim.AdamW([parameter], lr=0.01, weight_decay=0.0, betas=(0.9, 0.98), eps=1e-6, fused=False)
+    for gradient in (torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.25, 3.0, -1.0])):
+        model.weight.grad, parameter.grad = gradient.clone(), gradient.clone()
+        trainer.optimizer.step()
+        reference.step()
+    assert torch.equal(model.weight, parameter)
+
+
+
+def test_a_run_saves_its_adam_moments_and_reads_them_back(tiny_run_config, tmp_path):
+    from clipcl.config import load_config
+
+    config = tiny_run_config(train={"adam_betas": [0.9, 0.98], "adam_eps": 1e-6, "max_steps_per_task": 2})
+    run_experiment(config, show_progress=False)
+    (saved,) = (tmp_path / "run").glob("**/config.yaml")
+    again = load_config(saved)
+    assert again.train.adam_betas == [0.9, 0.98] and again.train.adam_eps == 1e-6
+
+
+def test_adam_moments_enter_the_fingerprint_only_off_their_defaults(tiny_run_config):
+    from clipcl.config import config_fingerprint
+
+    default = config_fingerprint(tiny_run_config())
+    assert "adam_" not in default  # the fingerprint of a run made before these keys existed
+    assert config_fingerprint(tiny_run_config(train={"adam_betas": [0.9, 0.999], "adam_eps": 1e-8})) == default
+    assert config_fingerprint(tiny_run_config(train={"adam_betas": [0.9, 0.98]})) != default
+    assert config_fingerprint(tiny_run_config(train={"adam_eps": 1e-6})) != default

@@ -43,3 +43,14 @@ def check_number(key: str, value: Any, low: float | None = None, high: float | N
         else:
             allowed = f"<= {high:g}"
         raise ConfigError(f"{key} must be a finite number {allowed}{' (or null)' if optional else ''}, got {value!r}")
+
+
+def check_betas(key: str, value: Any) -> list[float]:
+    """Adam's two moment decays as a list of floats (YAML-ready); ConfigError unless two finite numbers in ``[0, 1)``."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ConfigError(f"{key} must be two numbers in [0, 1), such as [0.9, 0.98], got {value!r}")
+    for beta in value:
+        good = not isinstance(beta, bool) and isinstance(beta, Real) and math.isfinite(beta) and 0.0 <= beta < 1.0
+        if not good:
+            raise ConfigError(f"{key} must be two numbers in [0, 1), such as [0.9, 0.98], got {value!r}")
+    return [float(value[0]), float(value[1])]

@@ -173,4 +173,8 @@ def config_fingerprint(config: RunConfig) -> str:
         data.pop("time", None)
     for key in ("batch_size", "feature_cache", "cache_dir"):
         data["eval"].pop(key, None)
+    # Added after the first runs: at torch's defaults they change nothing, so those runs stay resumable.
+    for key, default in (("adam_betas", [0.9, 0.999]), ("adam_eps", 1e-8)):
+        if data["train"].get(key) == default:
+            data["train"].pop(key)
     return json.dumps(data, sort_keys=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from clipcl.config.checks import ConfigError, check_choice, check_integer, check_number
+from clipcl.config.checks import ConfigError, check_betas, check_choice, check_integer, check_number
 from clipcl.config.time_schema import TimeConfig
 
 BACKENDS = ("starter", "open_clip", "hf")
@@ -145,6 +145,12 @@ class TrainConfig:
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's two moment decays (torch's defaults; OpenCLIP and TiC-CLIP's official scripts use
+    ``[0.9, 0.98]``)."""
+    adam_eps: float = 1e-8
+    """AdamW's epsilon (torch's default; OpenCLIP and TiC-CLIP's official scripts use ``1e-6``). A
+    method's own parameter groups may set theirs (``cll_clip``'s ``adam_epsilon``)."""
     warmup_steps: int = 0
     """Linear warm-up steps, then cosine decay to zero within each task."""
     precision: str = "fp32"
@@ -187,6 +193,8 @@ class TrainConfig:
         check_integer("train.grad_accumulation", self.grad_accumulation, 1)
         check_number("train.lr", self.lr, 0.0, low_open=True)
         check_number("train.weight_decay", self.weight_decay, 0.0)
+        self.adam_betas = check_betas("train.adam_betas", self.adam_betas)
+        check_number("train.adam_eps", self.adam_eps, 0.0, low_open=True)
         check_integer("train.warmup_steps", self.warmup_steps, 0)
         check_choice("train.precision", self.precision, PRECISIONS)
         check_integer("train.devices", self.devices, 1)

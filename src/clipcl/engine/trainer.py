@@ -100,11 +100,12 @@ class Trainer:
         # weights' version counters, which the evaluation caches' digest memo relies on (hash_module).
         groups_of = getattr(self.strategy, "parameter_groups", None)  # a Strategy hook; test doubles lack it
         groups = groups_of(self.parameters, config.weight_decay) if groups_of is not None else None
+        moments = {"betas": tuple(config.adam_betas), "eps": config.adam_eps}
         if groups is None:
             self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay,
-                                               fused=False)
+                                               fused=False, **moments)
         else:
-            self.optimizer = RowScaledAdamW(groups, lr=config.lr, fused=False)
+            self.optimizer = RowScaledAdamW(groups, lr=config.lr, fused=False, **moments)
         total = max(total_steps, 1)
         step_size = None
         if schedule == "step":
