@@ -20,7 +20,8 @@ later (the official medium scripts' first/later split), nothing tuned per mode.
     python benchmarks/time_continual.py --seeds 0 --modes sequential,oracle
 
 Each finished (mode, seed) is saved under ``docs/results/time_continual_records/<mode>/seed<k>.json``
-(atomically; read back when the command runs again); the summary is rewritten after each.
+(atomically; read back when the command runs again); the summary (``docs/results/time_continual.md``,
+``.json``) and the plot of mean R@1 against samples seen (``.png``) are rewritten after each.
 """
 
 from __future__ import annotations
@@ -110,6 +111,36 @@ def summarise(records: list[dict], arguments, elapsed: float) -> tuple[dict, str
     return record, "\n".join(lines) + "\n"
 
 
+def plot_against_samples(summary: dict, records: list[dict], path: Path) -> None:
+    """Mean R@1 over the steps so far against the training samples seen, one curve per mode (mean, with
+    a band of ± one std over seeds), from the zero-shot point at 0 samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from clipcl.report import _save_figure
+
+    zero_shot = float(np.mean([record["zero_shot_row"][0] for record in records]))
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for mode, entry in summary.items():
+        samples = [0] + list(entry["samples_seen_cumulative"])
+        means = np.array([zero_shot] + [value["mean"] for value in entry["seen_average_by_step"]])
+        spread = np.nan_to_num(np.array([0.0] + [value["std"] for value in entry["seen_average_by_step"]]))
+        (line,) = axes.plot(samples, means, marker="o", markersize=3, label=f"{mode} ({len(entry['seeds'])} seeds)")
+        axes.fill_between(samples, means - spread, means + spread, color=line.get_color(), alpha=0.15)
+    axes.set_xlabel("training samples seen (replayed ones included)")
+    axes.set_ylabel("mean R@1 over the steps so far (%)")
+    axes.set_title("emoji over time, offline starter")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    try:
+        _save_figure(figure, path)
+    finally:
+        plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
@@ -136,6 +167,7 @@ def main() -> None:
                   f"({record['compute']['total']['samples_seen']} samples, {record['seconds']:.0f} s)", flush=True)
             summary, markdown = summarise(records, arguments, time.perf_counter() - started)
             write_summary(arguments.results, summary, markdown)
+            plot_against_samples(summary["summary"], records, Path(arguments.results).with_suffix(".png"))
 
 
 if __name__ == "__main__":

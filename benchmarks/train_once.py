@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipcl.checkpoint import atomic_write_json, fingerprint_digest
+from clipcl.atomic_files import atomic_write_json
+from clipcl.checkpoint import fingerprint_digest
 from clipcl.config import RunConfig, config_fingerprint
 from clipcl.data.streams import OPEN_DOMAIN_PROTOCOLS, build_stream
 from clipcl.engine.runtime import Runtime

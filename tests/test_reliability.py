@@ -375,6 +375,12 @@ def test_run_outputs_get_the_mode_of_any_new_file(finished):
     expected = 0o666 & ~_current_umask()
     for name in ("results.json", "progress.json", "config.yaml", "checkpoints/after_task_00.safetensors"):
         assert (Path(config.output_dir) / name).stat().st_mode & 0o777 == expected, name
+    from clipcl.report import load_results, plot_run
+
+    plots = plot_run(load_results(config.output_dir), config.output_dir)
+    assert plots
+    for path in plots:
+        assert Path(path).stat().st_mode & 0o777 == expected, path
 
 
 def _current_umask() -> int:

@@ -12,15 +12,13 @@ fingerprint is stored in the file's metadata, so a checkpoint from another confi
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from clipcl.atomic_files import atomic_path
 from clipcl.errors import UserError
 
 
@@ -32,58 +30,13 @@ class DamagedCheckpoint(CheckpointError):
     """A checkpoint file that cannot be read or whose checksum does not match (truncated, overwritten)."""
 
 
-def _process_umask() -> int:
-    # Read once, at import: setting it to read it is process-wide, so doing that while other threads
-    # create files would give those files the wrong mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-_UMASK = _process_umask()
-
-
-def _readable_like_any_new_file(temporary: str) -> None:
-    """mkstemp makes a file only its owner may read; give it the mode a plain new file would get
-    under the user's umask, so a run's outputs can be shared like any other file."""
-    os.chmod(temporary, 0o666 & ~_UMASK)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        _readable_like_any_new_file(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def atomic_write_json(path: str | Path, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
                             metadata: dict[str, str] | None = None) -> None:
     """Save tensors with safetensors through a temporary file, so a crash never leaves half a file.
     The metadata gets a ``sha256`` of the tensors, which :func:`read_verified` checks."""
-    path = Path(path)
     metadata = {**(metadata or {}), "sha256": tensors_digest(tensors)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_path(path) as temporary:
         save_file(tensors, temporary, metadata=metadata)
-        _readable_like_any_new_file(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:

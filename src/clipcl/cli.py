@@ -192,7 +192,7 @@ def _checked_output(output: str) -> Path:
 
 
 def command_report(args: argparse.Namespace) -> int:
-    from clipcl.checkpoint import atomic_write_text
+    from clipcl.atomic_files import atomic_write_text
     from clipcl.report import comparison_markdown, load_results, plot_run, run_summary_markdown
 
     if args.no_plots and args.plots_dir:

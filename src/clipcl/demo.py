@@ -14,7 +14,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from clipcl.checkpoint import atomic_write_text
+from clipcl.atomic_files import atomic_write_text
 from clipcl.config import load_config
 from clipcl.report import comparison_markdown, plot_run
 from clipcl.run import run_experiment

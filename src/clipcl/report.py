@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from clipcl.atomic_files import atomic_path
 
 COMPARISON_COLUMNS = [
     ("a_auc", "A_auc"),
@@ -303,14 +303,8 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
 
 def _save_figure(figure, path: Path) -> None:
     """Save a PNG through a temporary file in the same folder, so a failure leaves no half image."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=110)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def plot_run(results: dict[str, Any], directory: str | Path) -> list[Path]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from clipcl import __version__
-from clipcl.checkpoint import atomic_write_json, atomic_write_text
+from clipcl.atomic_files import atomic_write_json, atomic_write_text
 from clipcl.config import RunConfig, to_dict
 from clipcl.engine.runtime import Runtime
 from clipcl.errors import UserError

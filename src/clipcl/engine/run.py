@@ -17,7 +17,8 @@ from typing import Any
 import torch
 import yaml
 
-from clipcl.checkpoint import atomic_write_text, fingerprint_digest, snapshot_state
+from clipcl.atomic_files import atomic_write_text
+from clipcl.checkpoint import fingerprint_digest, snapshot_state
 from clipcl.config import ConfigError, RunConfig, config_fingerprint, to_dict
 from clipcl.data.base import DataError
 from clipcl.engine.context import (

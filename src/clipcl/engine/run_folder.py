@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from clipcl import __version__
-from clipcl.checkpoint import atomic_write_json
+from clipcl.atomic_files import atomic_write_json
 from clipcl.engine.context import RunDirectory, RunError, read_json_file
 
 LOCK_NAME = ".clipcl-lock"

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from clipcl.atomic_files import atomic_write_json
 from clipcl.checkpoint import (
     CheckpointError,
     DamagedCheckpoint,
-    atomic_write_json,
     fingerprint_digest,
     load_checkpoint,
     read_verified,
