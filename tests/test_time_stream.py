@@ -152,6 +152,63 @@ def test_iso_dates_count_as_their_year(tmp_path):
     assert load_caption_set(folder, timestamp_key="date").timestamps == [2019.0] * 4
 
 
+def write_dated_caption_files(folder, years: dict[int, int]) -> dict[str, str]:
+    """The same dated pictures as caption files of each format (a ``year`` column, an ISO ``date``
+    key in JSON lines, a ``year`` field of each Karpathy image); returns the three paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for year, count in years.items():
+        for index in range(count):
+            name = f"{year}-{index:03d}.png"
+            (folder / name).write_bytes(png(COLOURS[index % len(COLOURS)], len(rows)))
+            rows.append((name, f"picture {index % len(COLOURS)} from {year}", year))
+    (folder / "dated.csv").write_text("image,caption,year\n" + "".join(f"{n},{c},{y}\n" for n, c, y in rows))
+    (folder / "dated.jsonl").write_text("".join(json.dumps({"image": n, "caption": c, "date": f"{y}-03-01"}) + "\n"
+                                                for n, c, y in rows))
+    images = [{"filename": n, "split": "test" if i % 5 == 0 else "train", "year": y, "sentences": [{"raw": c}]}
+              for i, (n, c, y) in enumerate(rows)]
+    (folder / "dated.json").write_text(json.dumps({"images": images}))
+    return {suffix: str(folder / f"dated.{suffix}") for suffix in ("csv", "jsonl", "json")}
+
+
+def test_caption_files_carry_timestamps_in_every_format(tmp_path):
+    from clipcl.data.captions import load_caption_set
+
+    files = write_dated_caption_files(tmp_path / "files", {2014: 3, 2016: 2})
+    assert load_caption_set(files["csv"], timestamp_key="year").timestamps == [2014.0] * 3 + [2016.0] * 2
+    assert load_caption_set(files["jsonl"], timestamp_key="date").timestamps == [2014.0] * 3 + [2016.0] * 2
+    assert load_caption_set(files["json"], "all", timestamp_key="year").timestamps == [2014.0] * 3 + [2016.0] * 2
+    assert load_caption_set(files["csv"]).timestamps is None  # no key asked for: none read (other protocols)
+    assert load_caption_set(files["csv"], timestamp_key="date").timestamps is None  # the column is absent
+
+
+def test_a_time_run_reads_a_dated_caption_file(time_run, tmp_path):
+    files = write_dated_caption_files(tmp_path / "files", {2014: 20, 2015: 20})
+    results = run_experiment(time_run("sequential", datasets=[files["csv"]]), show_progress=False)
+    assert results["tasks"] == ["2014", "2015"]
+    assert [(step["first"], step["last"]) for step in results["time"]["steps"]] == [(2014, 2014), (2015, 2015)]
+    # One caption an image; the images not held out by the key hash are each step's training rows.
+    from clipcl.data.time_stream import held_out_by_key
+
+    expected = [sum(not held_out_by_key(f"{year}-{index:03d}.png") for index in range(20)) for year in (2014, 2015)]
+    assert [step["train_rows"] for step in results["time"]["steps"]] == expected
+    assert np.isfinite(results["accuracy"]["matrix"]).all()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("image,caption,year\na.png,one,2014\nb.png,two,\n", "row 2 \\(b.png\\) has no 'year', which other rows have"),
+    ("image,caption,year\na.png,one,2014\na.png,again,2015\n", "image a.png has two timestamps \\(2014 and 2015\\)"),
+])
+def test_caption_file_timestamps_must_be_whole(text, message, tmp_path):
+    from clipcl.data.captions import load_caption_set
+
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(png(COLOURS[0], 0))
+    (tmp_path / "dated.csv").write_text(text)
+    with pytest.raises(DataError, match=message):
+        load_caption_set(str(tmp_path / "dated.csv"), timestamp_key="year")
+
+
 @pytest.mark.parametrize("case, message", [
     ("no timestamps", "has no timestamp \\(a .json member with a 'year' field"),
     ("empty step", "time step 2030-2031 of .* has no training images"),

@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from clipcl.data.base import CONTENT_SAMPLE_FILES, DataError, files_stamp
-from clipcl.data.captions import CaptionPairs, text_digest
+from clipcl.data.captions import CaptionPairs, parse_timestamp, text_digest
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -179,25 +179,6 @@ class WebDatasetShards(CaptionPairs):
         if self._stamp is None:
             self._stamp = files_stamp(self.shards)
         return self._stamp
-
-
-def parse_timestamp(value, where: str) -> float:
-    """A timestamp as a number: a number as it is, ``"2014"`` or an ISO date (``2014-06-01``, with or
-    without a time) as its year. Anything else is a DataError naming ``where``."""
-    import math
-    import re
-
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d{4})(-\d{2}(-\d{2}([T ].*)?)?)?\s*", value)
-        if match:
-            return float(match.group(1))
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise DataError(f"{where}: timestamp {value!r} is neither a number nor an ISO date")
 
 
 def _read_text(archive: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> str:

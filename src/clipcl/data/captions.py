@@ -18,6 +18,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -143,23 +145,25 @@ class CaptionDataset(CaptionPairs):
     Missing columns, keys or image files raise :class:`DataError` with one line.
     """
 
-    def __init__(self, path: str | Path, image_root: str | Path | None = None, split: str | None = None) -> None:
+    def __init__(self, path: str | Path, image_root: str | Path | None = None, split: str | None = None,
+                 timestamp_key: str | None = None) -> None:
         path = Path(path)
         if not path.is_file():
             raise DataError(f"caption file {path} does not exist")
         base = Path(image_root) if image_root else path.parent
-        pairs = self._read(path, split)
-        if not pairs:
+        rows = self._read(path, split, timestamp_key)
+        if not rows:
             raise DataError(f"{path} holds no image-caption pairs" + (f" for split {split!r}" if split else ""))
         self.path = path
-        self.image_paths = [base / image for image, _ in pairs]
-        self.captions = [caption for _, caption in pairs]
+        self.image_paths = [base / image for image, _, _ in rows]
+        self.captions = [caption for _, caption, _ in rows]
         missing = next((image for image in self.image_paths if not image.is_file()), None)
         if missing is not None:
             raise DataError(f"{path}: image {missing} does not exist")
         first_seen: dict[Path, int] = {}
         self.image_ids = [first_seen.setdefault(image, len(first_seen)) for image in self.image_paths]
         self.unique_paths = list(first_seen)
+        self.timestamps = _image_timestamps(path, timestamp_key, rows, self.image_ids, len(first_seen))
         self.image_keys = [_relative_name(image, base) for image in self.unique_paths]
         self.name = str(path)
         self.translations = {}
@@ -167,14 +171,14 @@ class CaptionDataset(CaptionPairs):
         self._stamp: str | None = None
 
     @staticmethod
-    def _read(path: Path, split: str | None) -> list[tuple[str, str]]:
+    def _read(path: Path, split: str | None, timestamp_key: str | None) -> list[Row]:
         suffix = path.suffix.lower()
         if suffix in (".csv", ".tsv"):
-            return _read_csv(path)
+            return _read_csv(path, timestamp_key)
         if suffix == ".jsonl":
-            return _read_jsonl(path)
+            return _read_jsonl(path, timestamp_key)
         if suffix == ".json":
-            return _read_karpathy(path, split)
+            return _read_karpathy(path, split, timestamp_key)
         raise DataError(f"{path}: caption files must be .csv, .tsv, .jsonl or .json")
 
     def __getitem__(self, index: int) -> tuple[Image.Image, str]:
@@ -186,8 +190,9 @@ class CaptionDataset(CaptionPairs):
     def _content_fingerprint(self) -> str:
         # Paths relative to the caption file's folder: a moved tree is the same data.
         files = files_fingerprint(self.unique_paths, self.path.parent)
+        times = "" if self.timestamps is None else f"/times={text_digest([f'{t:g}' for t in self.timestamps])}"
         return f"captions/n={len(self)}/files={files}/captions={text_digest(self.captions)}/" \
-               f"ids={text_digest([str(i) for i in self.image_ids])}"
+               f"ids={text_digest([str(i) for i in self.image_ids])}{times}"
 
     def local_stamp(self) -> str:
         if self._stamp is None:
@@ -200,6 +205,41 @@ def _relative_name(path: Path, base: Path) -> str:
 
 
 CSV_COLUMNS = (("image", "caption"), ("filepath", "title"))
+Row = tuple[str, str, object]
+"""One caption file row: image path, caption, and its raw timestamp (None: the row has none)."""
+
+
+def parse_timestamp(value, where: str) -> float:
+    """A timestamp as a number: a number as it is, ``"2014"`` or an ISO date (``2014-06-01``, with or
+    without a time) as its year. Anything else is a DataError naming ``where``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d{4})(-\d{2}(-\d{2}([T ].*)?)?)?\s*", value)
+        if match:
+            return float(match.group(1))
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise DataError(f"{where}: timestamp {value!r} is neither a number nor an ISO date")
+
+
+def _image_timestamps(path: Path, key: str | None, rows: list[Row], image_ids: list[int],
+                      count: int) -> list[float] | None:
+    """Per image, the timestamp its rows carry under ``key``; None when no row has that field. A row
+    without it, while others have it, or two rows of one image that disagree, is one DataError line."""
+    if key is None or all(raw is None for _, _, raw in rows):
+        return None
+    timestamps: list[float | None] = [None] * count
+    for number, ((image, _, raw), image_id) in enumerate(zip(rows, image_ids), start=1):
+        if raw is None:
+            raise DataError(f"{path}: row {number} ({image}) has no {key!r}, which other rows have")
+        value = parse_timestamp(raw, f"{path}: row {number} ({image})")
+        if timestamps[image_id] is not None and timestamps[image_id] != value:
+            raise DataError(f"{path}: image {image} has two timestamps ({timestamps[image_id]:g} and {value:g})")
+        timestamps[image_id] = value
+    return timestamps
 
 
 def read_caption_text(path: Path) -> str:
@@ -210,7 +250,7 @@ def read_caption_text(path: Path) -> str:
         raise DataError(f"caption file {path} is not UTF-8 text (byte {error.start})") from None
 
 
-def _read_csv(path: Path) -> list[tuple[str, str]]:
+def _read_csv(path: Path, timestamp_key: str | None = None) -> list[Row]:
     text = read_caption_text(path)
     header = text.splitlines()[0] if text else ""
     # open_clip writes tab-separated files, often named .csv: use a tab when the header has one.
@@ -229,11 +269,12 @@ def _read_csv(path: Path) -> list[tuple[str, str]]:
             raise DataError(f"{path}: line {reader.line_num} lacks {image_key} or {caption_key}")
         if not caption.strip():
             raise DataError(f"{path}: line {reader.line_num} ({image}) has an empty caption")
-        pairs.append((image, caption))
+        raw = row.get(timestamp_key) if timestamp_key else None
+        pairs.append((image, caption, raw if raw not in (None, "") else None))
     return pairs
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, str]]:
+def _read_jsonl(path: Path, timestamp_key: str | None = None) -> list[Row]:
     pairs = []
     for number, line in enumerate(read_caption_text(path).splitlines(), start=1):
         if not line.strip():
@@ -245,13 +286,13 @@ def _read_jsonl(path: Path) -> list[tuple[str, str]]:
             raise DataError(f'{path}: line {number} is not {{"image": ..., "caption": ...}}') from None
         if not isinstance(image, str) or not isinstance(caption, str) or not image or not caption.strip():
             raise DataError(f"{path}: line {number}: image and caption must be non-empty strings")
-        pairs.append((image, caption))
+        pairs.append((image, caption, row.get(timestamp_key) if timestamp_key else None))
     return pairs
 
 
-def _read_karpathy(path: Path, split: str | None) -> list[tuple[str, str]]:
+def _read_karpathy(path: Path, split: str | None, timestamp_key: str | None = None) -> list[Row]:
     """COCO / Flickr30k Karpathy JSON: ``{"images": [{"filename" or "file_path", optional "filepath"
-    (COCO's sub-folder), "split", "sentences": [{"raw": ...}]}]}``."""
+    (COCO's sub-folder), "split", "sentences": [{"raw": ...}]}]}``; a timestamp is a field of the image."""
     wanted = None if split is None else ({split, "restval"} if split == "train" else {split})
     try:
         images = json.loads(read_caption_text(path))["images"]
@@ -268,7 +309,7 @@ def _read_karpathy(path: Path, split: str | None) -> list[tuple[str, str]]:
                 if not isinstance(sentence["raw"], str) or not sentence["raw"].strip():
                     raise DataError(f"{path}: images[{number}] ({name}) sentences[{sentence_number}] is an "
                                     "empty caption")
-                pairs.append((name, sentence["raw"]))
+                pairs.append((name, sentence["raw"], image.get(timestamp_key) if timestamp_key else None))
         return pairs
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise DataError(f"{path}: not a Karpathy-style caption JSON (images[].filename, images[].sentences[].raw)"
@@ -285,7 +326,8 @@ def load_caption_set(name: str, split: str = "all", root: str | None = None,
     image-level split). A ``.json`` Karpathy file keeps the images of ``split`` (``all``: every image);
     ``.csv`` / ``.tsv`` / ``.jsonl`` files and webdataset shards (``x.tar``, ``x-{000..009}.tar`` or a
     folder of ``.tar``) have no splits and ignore it. A relative path that does not exist is looked up
-    under ``root``. ``timestamp_key``: the shards' ``json`` field holding each sample's timestamp.
+    under ``root``. ``timestamp_key``: the field holding each image's timestamp (a column of a caption
+    file, a key of its JSON lines or images, a field of the shards' ``json``); caption files without it have none.
     """
     from clipcl.data.drawings import OpenClipart, TuxPaintStamps, debian_drawings_root
 
@@ -303,7 +345,8 @@ def load_caption_set(name: str, split: str = "all", root: str | None = None,
         path = Path(root) / path
     lowered = name.lower()
     if lowered.endswith(CAPTION_FILE_SUFFIXES):
-        return CaptionDataset(path, split=None if split == "all" or not lowered.endswith(".json") else split)
+        return CaptionDataset(path, split=None if split == "all" or not lowered.endswith(".json") else split,
+                              timestamp_key=timestamp_key)
     if lowered.endswith(".tar") or path.is_dir():
         from clipcl.data.caption_shards import WebDatasetShards
 
