@@ -54,6 +54,7 @@ BAD = [
     (["train.weight_decay=-0.1"], "train.weight_decay"),
     (["train.adam_betas=[0.9,1.0]"], "train.adam_betas"),
     (["train.adam_betas=0.9"], "train.adam_betas"),
+    (["train.adam_betas=[0.9,soon]"], "train.adam_betas"),
     (["train.adam_eps=0"], "train.adam_eps"),
     (["train.warmup_steps=-1"], "train.warmup_steps"),
     (["train.precision=fp64"], "train.precision"),

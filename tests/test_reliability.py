@@ -415,3 +415,23 @@ def test_eval_zero_shot_row_false_on_an_online_stream_with_heldout_sets(tiny_run
     results = run_experiment(config, show_progress=False)
     assert results["heldout"]["zero_shot"] is None and "heldout_zero_shot" not in results["metrics"]
     assert "synthetic-5" in run_summary_markdown(load_results(config.output_dir))
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import clipcl.atomic_files
+    from clipcl.atomic_files import atomic_path, atomic_write_text
+
+    target = tmp_path / "out.txt"
+    atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError, match="stopped"), atomic_path(target) as temporary:
+        Path(temporary).write_text("half")
+        raise RuntimeError("stopped")
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+    def refuse(source, destination):
+        raise OSError("disk says no")
+
+    monkeypatch.setattr(clipcl.atomic_files.os, "replace", refuse)
+    with pytest.raises(OSError, match="disk says no"):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]

@@ -107,3 +107,23 @@ def test_adam_moments_enter_the_fingerprint_only_off_their_defaults(tiny_run_con
     assert config_fingerprint(tiny_run_config(train={"adam_betas": [0.9, 0.999], "adam_eps": 1e-8})) == default
     assert config_fingerprint(tiny_run_config(train={"adam_betas": [0.9, 0.98]})) != default
     assert config_fingerprint(tiny_run_config(train={"adam_eps": 1e-6})) != default
+
+
+def test_a_method_s_own_groups_get_the_moments_and_keep_their_own_eps():
+    class TwoGroups(OneParameter):
+        def parameter_groups(self, parameters, weight_decay):
+            return [{"params": parameters, "weight_decay": 0.0, "row_scales": [None], "row_decay": 0.0, "eps": 1e-6}]
+
+    config = TrainConfig(lr=0.01, adam_betas=[0.9, 0.98], adam_eps=1e-7, lr_schedule="constant")
+    trainer = Trainer(TwoGroups(), Runtime(torch.device("cpu")), config)
+    assert trainer.begin(3, "constant")
+    assert type(trainer.optimizer).__name__ == "RowScaledAdamW"
+    group = trainer.optimizer.param_groups[0]
+    assert group["betas"] == (0.9, 0.98) and group["eps"] == 1e-6  # a group's own eps (cll_clip's) wins
+
+
+def test_adam_betas_read_every_spelling_of_two_numbers():
+    from clipcl.config import load_config
+
+    for spelling in ("[0.9,0.98]", "0.9,0.98", "[9e-1,0.98]"):
+        assert load_config(None, [f"train.adam_betas={spelling}"]).train.adam_betas == [0.9, 0.98], spelling

@@ -180,6 +180,23 @@ def test_caption_files_carry_timestamps_in_every_format(tmp_path):
     assert load_caption_set(files["json"], "all", timestamp_key="year").timestamps == [2014.0] * 3 + [2016.0] * 2
     assert load_caption_set(files["csv"]).timestamps is None  # no key asked for: none read (other protocols)
     assert load_caption_set(files["csv"], timestamp_key="date").timestamps is None  # the column is absent
+    undated = tmp_path / "files" / "undated.jsonl"  # JSON null: no timestamp, as an absent key
+    undated.write_text(json.dumps({"image": "2014-000.png", "caption": "a picture", "year": None}) + "\n")
+    assert load_caption_set(str(undated), timestamp_key="year").timestamps is None
+
+
+def test_a_karpathy_file_keeps_its_split_in_a_time_run(time_run, tmp_path):
+    files = write_dated_caption_files(tmp_path / "files", {2014: 20, 2015: 20})
+    results = run_experiment(time_run("sequential", datasets=[files["json"]]), show_progress=False)
+    assert results["tasks"] == ["2014", "2015"]
+    assert [step["train_rows"] for step in results["time"]["steps"]] == [16, 16]  # every fifth image is test
+
+
+def test_a_caption_file_without_the_key_names_it(time_run, tmp_path):
+    files = write_dated_caption_files(tmp_path / "files", {2014: 5, 2015: 5})
+    with pytest.raises(DataError, match="has no timestamps: .*a caption file with a 'when' column"):
+        run_experiment(time_run("sequential", datasets=[files["csv"]], time={"timestamp_key": "when"}),
+                       show_progress=False)
 
 
 def test_a_time_run_reads_a_dated_caption_file(time_run, tmp_path):
@@ -196,8 +213,11 @@ def test_a_time_run_reads_a_dated_caption_file(time_run, tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("image,caption,year\na.png,one,2014\nb.png,two,\n", "row 2 \\(b.png\\) has no 'year', which other rows have"),
-    ("image,caption,year\na.png,one,2014\na.png,again,2015\n", "image a.png has two timestamps \\(2014 and 2015\\)"),
+    ("image,caption,year\na.png,one,2014\nb.png,two,\n", "line 3 \\(b.png\\) has no 'year', which other rows have"),
+    ("image,caption,year\na.png,one,2014\nb.png,two,  \n", "line 3 \\(b.png\\) has no 'year'"),  # blank = none
+    ("image,caption,year\na.png,one,2014\na.png,again,2015\n", "line 3: image a.png has two timestamps \\(2014 and 2015\\)"),
+    ("image,caption,year\na.png,one,2014\nb.png,two,nan\n", "line 3 \\(b.png\\): timestamp 'nan' is neither a number"),
+    ("image,caption,year\na.png,one,20140301\na.png,again,20140305\n", "two timestamps \\(20140301 and 20140305\\)"),
 ])
 def test_caption_file_timestamps_must_be_whole(text, message, tmp_path):
     from clipcl.data.captions import load_caption_set

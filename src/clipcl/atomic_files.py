@@ -1,5 +1,8 @@
-"""Atomic file writes: readers see a file's old content or its new, never half of it, and a crash
-leaves no temporary file behind. Light on purpose (no torch), so reports and configs can use it."""
+"""Atomic file writes: readers see a file's old content or its new, never half of it (the new file
+replaces the old in one ``os.replace``), and an exception while writing leaves the old file and no
+temporary one. A killed process may leave a ``.<name>.*.tmp`` file beside the target; nothing is
+fsynced, so a power loss may lose the newest write. Light on purpose (no torch), so reports and
+configs can use it."""
 
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ def _readable_like_any_new_file(temporary: str) -> None:
 def atomic_path(path: str | Path) -> Iterator[str]:
     """A temporary file's name in ``path``'s folder to write to. When the block ends, it replaces
     ``path`` (with the mode a plain new file gets), so readers see the old content or the new,
-    never half of it; when the block raises, it is removed and ``path`` is left as it was."""
+    never half of it; when the block raises, it is removed and ``path`` is left as it was. A block
+    that ends without raising has finished the file: whatever it wrote (even nothing) replaces ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

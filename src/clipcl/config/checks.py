@@ -46,11 +46,19 @@ def check_number(key: str, value: Any, low: float | None = None, high: float | N
 
 
 def check_betas(key: str, value: Any) -> list[float]:
-    """Adam's two moment decays as a list of floats (YAML-ready); ConfigError unless two finite numbers in ``[0, 1)``."""
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
-        raise ConfigError(f"{key} must be two numbers in [0, 1), such as [0.9, 0.98], got {value!r}")
+    """Adam's two moment decays as a list of floats (YAML-ready; ``"9e-1"``, which PyYAML reads as text,
+    counts as its number); ConfigError unless two finite numbers in ``[0, 1)``."""
+    problem = ConfigError(f"{key} must be two numbers in [0, 1), such as [0.9, 0.98], got {value!r}")
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise problem
+    betas = []
     for beta in value:
-        good = not isinstance(beta, bool) and isinstance(beta, Real) and math.isfinite(beta) and 0.0 <= beta < 1.0
-        if not good:
-            raise ConfigError(f"{key} must be two numbers in [0, 1), such as [0.9, 0.98], got {value!r}")
-    return [float(value[0]), float(value[1])]
+        if isinstance(beta, str):
+            try:
+                beta = float(beta)
+            except ValueError:
+                raise problem from None
+        if isinstance(beta, bool) or not isinstance(beta, Real) or not math.isfinite(beta) or not 0.0 <= beta < 1.0:
+            raise problem
+        betas.append(float(beta))
+    return betas

@@ -146,10 +146,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """AdamW's two moment decays (torch's defaults; OpenCLIP and TiC-CLIP's official scripts use
-    ``[0.9, 0.98]``)."""
+    """AdamW's two moment decays (torch's defaults; OpenCLIP's for ViTs and TiC-CLIP's official
+    scripts use ``[0.9, 0.98]``)."""
     adam_eps: float = 1e-8
-    """AdamW's epsilon (torch's default; OpenCLIP and TiC-CLIP's official scripts use ``1e-6``). A
+    """AdamW's epsilon (torch's default; OpenCLIP's for ViTs and TiC-CLIP's official scripts use ``1e-6``). A
     method's own parameter groups may set theirs (``cll_clip``'s ``adam_epsilon``)."""
     warmup_steps: int = 0
     """Linear warm-up steps, then cosine decay to zero within each task."""

@@ -155,8 +155,8 @@ class CaptionDataset(CaptionPairs):
         if not rows:
             raise DataError(f"{path} holds no image-caption pairs" + (f" for split {split!r}" if split else ""))
         self.path = path
-        self.image_paths = [base / image for image, _, _ in rows]
-        self.captions = [caption for _, caption, _ in rows]
+        self.image_paths = [base / row[0] for row in rows]
+        self.captions = [row[1] for row in rows]
         missing = next((image for image in self.image_paths if not image.is_file()), None)
         if missing is not None:
             raise DataError(f"{path}: image {missing} does not exist")
@@ -190,7 +190,8 @@ class CaptionDataset(CaptionPairs):
     def _content_fingerprint(self) -> str:
         # Paths relative to the caption file's folder: a moved tree is the same data.
         files = files_fingerprint(self.unique_paths, self.path.parent)
-        times = "" if self.timestamps is None else f"/times={text_digest([f'{t:g}' for t in self.timestamps])}"
+        # repr, every digit: dates such as 20140301 and 20140305 must not read as one.
+        times = "" if self.timestamps is None else f"/times={text_digest([repr(t) for t in self.timestamps])}"
         return f"captions/n={len(self)}/files={files}/captions={text_digest(self.captions)}/" \
                f"ids={text_digest([str(i) for i in self.image_ids])}{times}"
 
@@ -205,8 +206,9 @@ def _relative_name(path: Path, base: Path) -> str:
 
 
 CSV_COLUMNS = (("image", "caption"), ("filepath", "title"))
-Row = tuple[str, str, object]
-"""One caption file row: image path, caption, and its raw timestamp (None: the row has none)."""
+Row = tuple[str, str, object, str]
+"""One caption file row: image path, caption, its raw timestamp (None: the row has none) and where it
+is in the file (``line 3``, ``images[2]``), for error lines."""
 
 
 def parse_timestamp(value, where: str) -> float:
@@ -219,9 +221,11 @@ def parse_timestamp(value, where: str) -> float:
         if match:
             return float(match.group(1))
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
-            pass
+            number = math.nan
+        if math.isfinite(number):  # "nan" and "inf" read as floats, but date nothing
+            return number
     raise DataError(f"{where}: timestamp {value!r} is neither a number nor an ISO date")
 
 
@@ -229,17 +233,26 @@ def _image_timestamps(path: Path, key: str | None, rows: list[Row], image_ids: l
                       count: int) -> list[float] | None:
     """Per image, the timestamp its rows carry under ``key``; None when no row has that field. A row
     without it, while others have it, or two rows of one image that disagree, is one DataError line."""
-    if key is None or all(raw is None for _, _, raw in rows):
+    if key is None or all(raw is None for _, _, raw, _ in rows):
         return None
     timestamps: list[float | None] = [None] * count
-    for number, ((image, _, raw), image_id) in enumerate(zip(rows, image_ids), start=1):
+    for (image, _, raw, where), image_id in zip(rows, image_ids):
         if raw is None:
-            raise DataError(f"{path}: row {number} ({image}) has no {key!r}, which other rows have")
-        value = parse_timestamp(raw, f"{path}: row {number} ({image})")
+            raise DataError(f"{path}: {where} ({image}) has no {key!r}, which other rows have")
+        value = parse_timestamp(raw, f"{path}: {where} ({image})")
         if timestamps[image_id] is not None and timestamps[image_id] != value:
-            raise DataError(f"{path}: image {image} has two timestamps ({timestamps[image_id]:g} and {value:g})")
+            raise DataError(f"{path}: {where}: image {image} has two timestamps "
+                            f"({timestamps[image_id]:.15g} and {value:.15g})")
         timestamps[image_id] = value
     return timestamps
+
+
+def _raw_timestamp(row: dict, key: str | None):
+    """The row's value under ``key``; None when it has none (absent, null, or blank text)."""
+    value = row.get(key) if key else None
+    if isinstance(value, str):
+        value = value.strip() or None
+    return value
 
 
 def read_caption_text(path: Path) -> str:
@@ -269,8 +282,7 @@ def _read_csv(path: Path, timestamp_key: str | None = None) -> list[Row]:
             raise DataError(f"{path}: line {reader.line_num} lacks {image_key} or {caption_key}")
         if not caption.strip():
             raise DataError(f"{path}: line {reader.line_num} ({image}) has an empty caption")
-        raw = row.get(timestamp_key) if timestamp_key else None
-        pairs.append((image, caption, raw if raw not in (None, "") else None))
+        pairs.append((image, caption, _raw_timestamp(row, timestamp_key), f"line {reader.line_num}"))
     return pairs
 
 
@@ -286,7 +298,7 @@ def _read_jsonl(path: Path, timestamp_key: str | None = None) -> list[Row]:
             raise DataError(f'{path}: line {number} is not {{"image": ..., "caption": ...}}') from None
         if not isinstance(image, str) or not isinstance(caption, str) or not image or not caption.strip():
             raise DataError(f"{path}: line {number}: image and caption must be non-empty strings")
-        pairs.append((image, caption, row.get(timestamp_key) if timestamp_key else None))
+        pairs.append((image, caption, _raw_timestamp(row, timestamp_key), f"line {number}"))
     return pairs
 
 
@@ -309,7 +321,7 @@ def _read_karpathy(path: Path, split: str | None, timestamp_key: str | None = No
                 if not isinstance(sentence["raw"], str) or not sentence["raw"].strip():
                     raise DataError(f"{path}: images[{number}] ({name}) sentences[{sentence_number}] is an "
                                     "empty caption")
-                pairs.append((name, sentence["raw"], image.get(timestamp_key) if timestamp_key else None))
+                pairs.append((name, sentence["raw"], _raw_timestamp(image, timestamp_key), f"images[{number}]"))
         return pairs
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise DataError(f"{path}: not a Karpathy-style caption JSON (images[].filename, images[].sentences[].raw)"

@@ -7,7 +7,8 @@ transfer, above it forward transfer) and on fixed sets (the *static* tasks, ``st
 sets by retrieval, labelled datasets by zero-shot classification).
 
 The steps come from one caption set whose images carry timestamps (``emoji``: the release year of
-each emoji's Emoji version; webdataset shards: a ``json`` field, ``time.timestamp_key``), cut by
+each emoji's Emoji version; webdataset shards: a ``json`` field, ``time.timestamp_key``; caption
+files: a column, JSON-lines key or Karpathy image field of that name), cut by
 ``time.steps`` (inclusive ``[first, last]`` ranges; default one step per distinct timestamp), or from
 several caption sets in time order, one step each (TiC-DataComp's one folder of shards per year). Sets
 with their own split (``emoji``, ``tuxpaint``, ``openclipart``, a Karpathy JSON) keep it; files and
@@ -69,10 +70,11 @@ def _splits(name: str, root: str | None, timestamp_key: str, streaming: bool = F
             pairs.select_images([p for p, held in enumerate(test) if held]))
 
 
-def _timestamps(pairs, name: str) -> np.ndarray:
+def _timestamps(pairs, name: str, key: str) -> np.ndarray:
     if pairs.timestamps is None:
         raise DataError(f"caption set {name} has no timestamps: a time stream of one set cuts it by time "
-                        "(emoji, or webdataset shards whose .json holds time.timestamp_key), or give one "
+                        f"(emoji; webdataset shards whose .json holds {key!r}; a caption file with a {key!r} "
+                        "column, JSON-lines key or image field; time.timestamp_key names it), or give one "
                         "caption set per time step")
     return np.asarray(pairs.timestamps, dtype=np.float64)
 
@@ -102,7 +104,7 @@ def build_time_stream(config, time_config, seed: int) -> CaptionStream:
                         "shards per time step in stream.datasets (TiC-DataComp's one folder per year)")
     if len(names) == 1:
         train, test = _splits(names[0], config.data_root, key)
-        train_times, test_times = _timestamps(train, names[0]), _timestamps(test, names[0])
+        train_times, test_times = _timestamps(train, names[0], key), _timestamps(test, names[0], key)
         ranges = time_config.steps or [[value, value] for value in np.unique(np.concatenate([train_times, test_times]))]
         for first, last in ranges:
             name = step_name(first, last)
