@@ -94,6 +94,10 @@ def summarise(records: list[dict], arguments, elapsed: float) -> tuple[dict, str
              "| mode | seeds | samples seen | ID (diagonal) | backward | forward | last row | "
              + " | ".join(f"static: {name}" for name in static) + " |",
              "|---|---|---|---|---|---|---|" + "---|" * len(static)]
+    if records:  # the initial model, measured before step 0: the same for every mode and seed
+        zero_shot = records[0]
+        lines.append(f"| zero-shot (before training) | – | 0 | – | – | – | {np.mean(zero_shot['zero_shot_row']):.1f} | "
+                     + " | ".join(f"{value:.1f}" for value in zero_shot["static"]["zero_shot"]) + " |")
     for mode, entry in summary.items():
         lines.append(f"| {mode} | {len(entry['seeds'])} | {entry['samples_seen']} | "
                      f"{cell(entry['dynamic_in_distribution'])} | {cell(entry['dynamic_backward'])} | "
@@ -105,7 +109,12 @@ def summarise(records: list[dict], arguments, elapsed: float) -> tuple[dict, str
         cells = [f"{cell(value)} ({samples})" for value, samples in
                  zip(entry["seen_average_by_step"], entry["samples_seen_cumulative"])]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    lines += ["", f"Machine: {machine()}, {platform.platform()}; elapsed {elapsed / 60:.1f} min."]
+    run_minutes = sum(record["seconds"] for record in records) / 60
+    lines += ["", "The zero-shot row's last-row cell is the mean of its row (every step's held-out emoji before "
+              "training). The steps' test sets differ in size (75 to 191 emoji), so their columns are not "
+              "comparable with one another, and the mean over the steps so far moves as steps join it.",
+              "", f"Machine: {machine()}, {platform.platform()}; the runs took {run_minutes:.0f} min in all "
+              f"(their records' seconds; this invocation {elapsed / 60:.1f} min)."]
     record = {"benchmark": "time_continual", "arguments": vars(arguments), "summary": summary, "runs": records,
               "machine": machine(), "elapsed_seconds": elapsed}
     return record, "\n".join(lines) + "\n"
