@@ -1,4 +1,4 @@
-"""Show that adding language streams and CLL-CLIP (issue 16) changed no number of the existing paths.
+"""Show that adding language streams and CLL-CLIP (issue 16) changed no number of the existing paths (and time streams since).
 
 The change touched the trainer (a method may give AdamW parameter groups), caption batches (an item
 may carry an English source), retrieval (a strategy encodes the captions; a language stream reuses
@@ -64,6 +64,24 @@ def write_stamps(root: Path, copies: int = 6) -> None:
             (folder / f"{name}.txt").write_text(f"{english}\nit.utf8={italian}\nde.utf8={german}\n", encoding="utf-8")
 
 
+def write_dated_shards(folder: Path, years: dict[int, int]) -> str:
+    """Webdataset shards, one per year, each sample a small PNG and a ``.json`` with its caption and year."""
+    import io
+
+    import webdataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    for year, count in years.items():
+        with webdataset.TarWriter(str(folder / f"{year}.tar")) as sink:
+            for index in range(count):
+                buffer = io.BytesIO()
+                Image.fromarray((rng.random((20, 20, 3)) * 60 + 40 * (index % 4)).astype("uint8")).save(buffer, "PNG")
+                record = {"caption": f"shape {index % 4} seen in {year}", "year": year}
+                sink.write({"__key__": f"{year}-{index:03d}", "png": buffer.getvalue(), "json": json.dumps(record)})
+    return str(folder)
+
+
 def kept_numbers(results: dict) -> dict:
     kept = {key: results[key] for key in KEPT if key in results}
     kept["metrics"] = {key: value for key, value in kept.get("metrics", {}).items() if key not in VOLATILE_METRICS}
@@ -95,14 +113,28 @@ def capture(output: str) -> None:
             runs[f"languages-cll_clip-teir_{str(teir).lower()}"] = (
                 {"protocol": "languages", "datasets": ["tuxpaint"], "languages": ["en", "it", "de"],
                  "data_root": str(root / "data")}, {"name": "cll_clip", "teir": teir}, {})
+        # Added with issue 17's review (timestamps moved to captions.py, AdamW's moments made
+        # configurable): time streams over dated webdataset shards, a replay mode and the oracle.
+        shards = write_dated_shards(root / "data" / "dated", {2014: 24, 2015: 24, 2016: 24})
+        times = {}
+        for mode in ("cumulative_exp", "oracle"):
+            runs[f"time-{mode}"] = ({"protocol": "time", "datasets": [shards], "heldout": [old]}, {"name": "finetune"},
+                                    {"alignment": False})
+            times[f"time-{mode}"] = {"mode": mode, "budget_samples": 16}
         for name, (stream, strategy, evaluation) in runs.items():
             config = from_dict(RunConfig, {
                 "model": {"backend": "open_clip", "name": model}, "stream": stream, "strategy": strategy,
                 "train": {"batch_size": 8, "max_steps_per_task": 3, "lr": 1e-3},
                 "eval": {"batch_size": 16, "cache_dir": "", **evaluation},
                 "observe": {"tensorboard": False, "progress": False},
+                **({"time": times[name]} if name in times else {}),
                 "seed": 0, "output_dir": str(root / name)})
-            record[name] = kept_numbers(run_experiment(config, show_progress=False))
+            results = run_experiment(config, show_progress=False)
+            record[name] = kept_numbers(results)
+            if name in times:
+                record[name]["time"] = results["time"]
+                record[name]["compute"] = {key: value for key, value in results["compute"]["total"].items()
+                                           if not key.endswith("_seconds")}
             print(f"{name}: captured", file=sys.stderr)
         # Set names hold the temporary folder's path, which differs between captures.
         text = json.dumps(record, indent=1, sort_keys=True).replace(str(root), "<data>")

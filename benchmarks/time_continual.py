@@ -110,11 +110,11 @@ def summarise(records: list[dict], arguments, elapsed: float) -> tuple[dict, str
                  zip(entry["seen_average_by_step"], entry["samples_seen_cumulative"])]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     run_minutes = sum(record["seconds"] for record in records) / 60
-    lines += ["", "The zero-shot row's last-row cell is the mean of its row (every step's held-out emoji before "
+    lines += ["", ("The zero-shot row's last-row cell is the mean of its row (every step's held-out emoji before "
               "training). The steps' test sets differ in size (75 to 191 emoji), so their columns are not "
-              "comparable with one another, and the mean over the steps so far moves as steps join it.",
-              "", f"Machine: {machine()}, {platform.platform()}; the runs took {run_minutes:.0f} min in all "
-              f"(their records' seconds; this invocation {elapsed / 60:.1f} min)."]
+              "comparable with one another, and the mean over the steps so far moves as steps join it."),
+              "", (f"Machine: {machine()}, {platform.platform()}; the runs took {run_minutes:.0f} min in all "
+              f"(their records' seconds; this invocation {elapsed / 60:.1f} min).")]
     record = {"benchmark": "time_continual", "arguments": vars(arguments), "summary": summary, "runs": records,
               "machine": machine(), "elapsed_seconds": elapsed}
     return record, "\n".join(lines) + "\n"
