@@ -123,31 +123,15 @@ def summarise(records: list[dict], arguments, elapsed: float) -> tuple[dict, str
 def plot_against_samples(summary: dict, records: list[dict], path: Path) -> None:
     """Mean R@1 over the steps so far against the training samples seen, one curve per mode (mean, with
     a band of ± one std over seeds), from the zero-shot point at 0 samples."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from clipcl.report import _save_figure
+    from clipcl.report_compute import draw_samples_seen
 
     zero_shot = float(np.mean([record["zero_shot_row"][0] for record in records]))
-    figure, axes = plt.subplots(figsize=(7, 4))
+    curves = []
     for mode, entry in summary.items():
-        samples = [0] + list(entry["samples_seen_cumulative"])
-        means = np.array([zero_shot] + [value["mean"] for value in entry["seen_average_by_step"]])
-        spread = np.nan_to_num(np.array([0.0] + [value["std"] for value in entry["seen_average_by_step"]]))
-        (line,) = axes.plot(samples, means, marker="o", markersize=3, label=f"{mode} ({len(entry['seeds'])} seeds)")
-        axes.fill_between(samples, means - spread, means + spread, color=line.get_color(), alpha=0.15)
-    axes.set_xlabel("training samples seen (replayed ones included)")
-    axes.set_ylabel("mean R@1 over the steps so far (%)")
-    axes.set_title("emoji over time, offline starter")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    try:
-        _save_figure(figure, path)
-    finally:
-        plt.close(figure)
+        means = [zero_shot] + [value["mean"] for value in entry["seen_average_by_step"]]
+        spread = np.nan_to_num([0.0] + [value["std"] for value in entry["seen_average_by_step"]])  # one seed: no band
+        curves.append((f"{mode} ({len(entry['seeds'])} seeds)", [0, *entry["samples_seen_cumulative"]], means, spread))
+    draw_samples_seen(curves, path, "mean R@1 over the steps so far (%)", "emoji over time, offline starter")
 
 
 def main() -> None:

@@ -215,11 +215,10 @@ def command_report(args: argparse.Namespace) -> int:
         if len(all_results) > 1:
             parts.insert(0, "# Comparison\n\n" + comparison_markdown(all_results) + "\n")
             if plot_folders:  # next to the other plots: --plots-dir, else the first run's folder
-                from clipcl.report import _save_figure
                 from clipcl.report_compute import plot_samples_seen
 
                 folder = Path(args.plots_dir) if args.plots_dir else plot_folders[0]
-                compared = plot_samples_seen(all_results, folder / "samples_seen_comparison.png", _save_figure)
+                compared = plot_samples_seen(all_results, folder / "samples_seen_comparison.png")
                 if compared is not None:
                     parts.insert(1, f"Measure against samples seen, every run: {compared}\n")
         text = "\n".join(parts)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clipcl.atomic_files import atomic_path
+from clipcl.atomic_files import save_figure
 
 COMPARISON_COLUMNS = [
     ("a_auc", "A_auc"),
@@ -301,12 +301,6 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
     return results
 
 
-def _save_figure(figure, path: Path) -> None:
-    """Save a PNG through a temporary file in the same folder, so a failure leaves no half image."""
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=110)
-
-
 def plot_run(results: dict[str, Any], directory: str | Path) -> list[Path]:
     """Write accuracy_matrix.png and task_accuracy.png (online runs: anytime_accuracy.png), and
     alignment.png when the run measured alignment, into ``directory``, each atomically; returns their paths."""
@@ -328,13 +322,10 @@ def plot_run(results: dict[str, Any], directory: str | Path) -> list[Path]:
         axes.grid(alpha=0.3)
         figure.tight_layout()
         path = directory / "anytime_accuracy.png"
-        try:
-            _save_figure(figure, path)
-        finally:
-            plt.close(figure)
+        save_figure(figure, path)
         from clipcl.report_compute import plot_samples_seen
 
-        against_compute = plot_samples_seen([results], directory / "samples_seen.png", _save_figure)
+        against_compute = plot_samples_seen([results], directory / "samples_seen.png")
         return [path, *([against_compute] if against_compute else [])]
     accuracy = results["accuracy"]
     has_zero_shot_row = accuracy_has_zero_shot_row(results)
@@ -358,10 +349,7 @@ def plot_run(results: dict[str, Any], directory: str | Path) -> list[Path]:
     figure.colorbar(image, ax=axes, fraction=0.04)
     figure.tight_layout()
     heatmap = directory / "accuracy_matrix.png"
-    try:
-        _save_figure(figure, heatmap)
-    finally:
-        plt.close(figure)
+    save_figure(figure, heatmap)
 
     figure, axes = plt.subplots(figsize=(7, 4))
     steps = range(len(rows))
@@ -376,13 +364,10 @@ def plot_run(results: dict[str, Any], directory: str | Path) -> list[Path]:
     axes.legend(fontsize=7)
     figure.tight_layout()
     curves = directory / "task_accuracy.png"
-    try:
-        _save_figure(figure, curves)
-    finally:
-        plt.close(figure)
+    save_figure(figure, curves)
     from clipcl.report_alignment import plot_alignment
     from clipcl.report_compute import plot_samples_seen
 
-    against_compute = plot_samples_seen([results], directory / "samples_seen.png", _save_figure)
-    return [heatmap, curves, *plot_alignment(results, directory, _save_figure),
+    against_compute = plot_samples_seen([results], directory / "samples_seen.png")
+    return [heatmap, curves, *plot_alignment(results, directory),
             *([against_compute] if against_compute else [])]

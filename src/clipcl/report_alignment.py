@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from clipcl.atomic_files import save_figure
+
 PLOTTED = (
     ("modality_gap", "modality gap (centroid distance)"),
     ("alignment", "alignment (mean squared pair distance)"),
@@ -55,7 +57,7 @@ def alignment_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_alignment(results: dict[str, Any], directory: str | Path, save_figure) -> list[Path]:
+def plot_alignment(results: dict[str, Any], directory: str | Path) -> list[Path]:
     """``alignment.png``: each measure of :data:`PLOTTED` per set over the stream; [] when none."""
     labels, measured = alignment_rows(results)
     if not measured:
@@ -79,8 +81,5 @@ def plot_alignment(results: dict[str, Any], directory: str | Path, save_figure) 
     figure.suptitle(f"{results['name']}: image-text alignment after each task (zs = zero-shot)", fontsize=10)
     figure.tight_layout()
     path = Path(directory) / "alignment.png"
-    try:
-        save_figure(figure, path)
-    finally:
-        plt.close(figure)
+    save_figure(figure, path)
     return [path]

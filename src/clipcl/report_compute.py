@@ -48,29 +48,38 @@ def measure_name(all_results: list[dict[str, Any]]) -> str:
     return "accuracy over the tasks so far (%)"
 
 
-def plot_samples_seen(all_results: list[dict[str, Any]], path: Path, save_figure) -> Path | None:
-    """Write the plot to ``path`` (atomically, through ``save_figure``); None when no run has compute."""
+def plot_samples_seen(all_results: list[dict[str, Any]], path: Path) -> Path | None:
+    """Write the plot to ``path`` (atomically); None when no run has compute."""
     curves = [(results.get("name", "run"), samples_seen_curve(results)) for results in all_results]
-    curves = [(name, curve) for name, curve in curves if curve is not None]
+    curves = [(name, *curve, None) for name, curve in curves if curve is not None]
     if not curves:
         return None
+    draw_samples_seen(curves, path, measure_name(all_results), "measure against compute", full_scale=True)
+    return path
+
+
+def draw_samples_seen(curves, path: Path, measure: str, title: str, full_scale: bool = False) -> None:
+    """One line per ``(label, samples, values, spread)`` against training samples seen, with a band of
+    ± ``spread`` where it is given (None: no band); ``full_scale``: the y axis spans 0-100."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from clipcl.atomic_files import save_figure
+
     figure, axes = plt.subplots(figsize=(7, 4))
-    for name, (samples, measure) in curves:
-        axes.plot(samples, measure, marker="o", label=name)
+    for label, samples, values, spread in curves:
+        (line,) = axes.plot(samples, values, marker="o", label=label)
+        if spread is not None:
+            values, spread = np.asarray(values, dtype=float), np.asarray(spread, dtype=float)
+            axes.fill_between(samples, values - spread, values + spread, color=line.get_color(), alpha=0.15)
     axes.set_xlabel("training samples seen (replayed ones included)")
-    axes.set_ylabel(measure_name(all_results))
-    axes.set_ylim(0, 100)
-    axes.set_title("measure against compute")
+    axes.set_ylabel(measure)
+    if full_scale:
+        axes.set_ylim(0, 100)
+    axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
     figure.tight_layout()
-    try:
-        save_figure(figure, path)
-    finally:
-        plt.close(figure)
-    return path
+    save_figure(figure, path)
